@@ -1,0 +1,520 @@
+//! The TOML configuration: schema, defaults, validation, and the reload diff.
+//!
+//! Two steps, as pingora does: [`RawConfig`] is what serde reads (unknown keys are errors,
+//! durations are humantime strings such as `"250ms"`), and [`RawConfig::validate`] consumes it
+//! into a [`Config`] so an unvalidated value cannot leak. Errors name the file, the key and the
+//! line. This module must not depend on tokio or on any other module of the crate.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// A configuration problem, phrased for the operator who must fix the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    /// Syntax, unknown keys, bad values: toml reports the key and the line.
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    /// Cross-field rules, each naming its key and line.
+    #[error("{path}: invalid configuration:\n{}", .problems.join("\n"))]
+    Invalid { path: String, problems: Vec<String> },
+}
+
+/// A secret whose `Debug` and `Serialize` never show it.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+    /// The secret itself; call it only where it is handed to a library.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"********\"")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("********")
+    }
+}
+
+/// `host:port`, where host is an IP address or a DNS name resolved at each connect.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HostPort {
+    pub host: String,
+    pub port: u16,
+}
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl std::str::FromStr for HostPort {
+    type Err = String;
+    fn from_str(s: &str) -> Result<HostPort, String> {
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("`{s}` is not host:port (for example \"10.0.0.5:5432\")"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(format!("`{s}` has an empty host"));
+        }
+        let port: u16 = port.parse().map_err(|_| format!("`{s}` has an invalid port `{port}`"))?;
+        if port == 0 {
+            return Err(format!("`{s}`: port 0 is not a backend port"));
+        }
+        Ok(HostPort { host: host.to_owned(), port })
+    }
+}
+
+impl<'de> Deserialize<'de> for HostPort {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for HostPort {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Log line format on stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// `[proxy]`: the client-facing listener.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Address clients connect to.
+    #[serde(default = "default_proxy_listen")]
+    pub listen: SocketAddr,
+    /// How long a new client waits for a leader before it gets 57P03.
+    #[serde(default = "default_leader_wait", with = "humantime_serde")]
+    pub leader_wait_timeout: Duration,
+    /// TCP connect to a backend.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// For the client's first packet (and the StartupMessage after an SSLRequest answered `N`).
+    #[serde(default = "default_hello_timeout", with = "humantime_serde")]
+    pub client_hello_timeout: Duration,
+    /// Concurrent client connections, including those still in the startup phase.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// On SIGTERM, how long open sessions may continue before they are closed.
+    #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+/// `[admin]`: the HTTP listener for /metrics, /healthz, /readyz and /status.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+}
+
+/// `[health]`: how backends are checked.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Between checks while a leader is routable.
+    #[serde(default = "default_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// Between checks while there is no leader, so a promotion is seen quickly.
+    #[serde(default = "default_fast_interval", with = "humantime_serde")]
+    pub fast_interval: Duration,
+    /// For one check, including (re)connecting.
+    #[serde(default = "default_check_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Consecutive primary checks before a backend takes new sessions.
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    /// Consecutive failed checks before a backend is down and its sessions are cut.
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+    #[serde(default = "default_health_user")]
+    pub user: String,
+    #[serde(default = "default_health_database")]
+    pub database: String,
+    /// At most one of `password`, `password_env`, `password_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<Secret>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// A tracing filter such as `"info"` or `"pgleader=debug"`; `RUST_LOG` overrides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<String>,
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+/// One `[[backend]]`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// A short unique name, used in metrics labels, logs and /status.
+    pub name: String,
+    pub address: HostPort,
+}
+
+/// The file as read, before cross-field validation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default = "default_proxy")]
+    pub proxy: ProxyConfig,
+    #[serde(default = "default_admin")]
+    pub admin: AdminConfig,
+    #[serde(default = "default_health")]
+    pub health: HealthConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub backend: Vec<toml::Spanned<BackendConfig>>,
+}
+
+/// A validated configuration. Only [`RawConfig::validate`] makes one.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Config {
+    pub proxy: ProxyConfig,
+    pub admin: AdminConfig,
+    pub health: HealthConfig,
+    pub log: LogConfig,
+    pub backend: Vec<BackendConfig>,
+}
+
+impl Config {
+    /// Parses and validates TOML text; `origin` names it in errors (a path, or "<inline>").
+    ///
+    /// # Errors
+    /// [`ConfigError::Parse`] or [`ConfigError::Invalid`], naming the key and the line.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: origin.to_owned(), message: e.to_string() })?;
+        raw.validate(text, origin)
+    }
+
+    /// Reads, parses and validates a file.
+    ///
+    /// # Errors
+    /// As [`Config::from_toml`], plus [`ConfigError::Read`].
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Config::from_toml(&text, &path.display().to_string())
+    }
+
+    /// The effective configuration as TOML, secrets masked (for `check-config`).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+
+    /// The health-check password, from `password`, `password_env` or `password_file`.
+    ///
+    /// # Errors
+    /// The variable is unset or the file unreadable; the message names which.
+    pub fn health_password(&self) -> Result<Option<Secret>, String> {
+        let h = &self.health;
+        if let Some(p) = &h.password {
+            return Ok(Some(p.clone()));
+        }
+        if let Some(var) = &h.password_env {
+            return std::env::var(var)
+                .map(|v| Some(Secret(v)))
+                .map_err(|_| format!("health.password_env: environment variable {var} is not set"));
+        }
+        if let Some(path) = &h.password_file {
+            return std::fs::read_to_string(path)
+                .map(|v| Some(Secret(v.trim_end_matches(['\n', '\r']).to_owned())))
+                .map_err(|e| format!("health.password_file: cannot read {}: {e}", path.display()));
+        }
+        Ok(None)
+    }
+}
+
+impl RawConfig {
+    /// Applies the cross-field rules, collecting every problem.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] listing each problem with its key and line.
+    pub fn validate(self, text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let mut problems = Vec::new();
+        let line_of = |key: &str| key_line(text, key).map(|l| format!(" (line {l})")).unwrap_or_default();
+        if self.backend.is_empty() {
+            problems.push("backend: at least one [[backend]] is required".to_owned());
+        }
+        for (i, b) in self.backend.iter().enumerate() {
+            let line = line_at(text, b.span().start);
+            let b = b.get_ref();
+            if b.name.is_empty() || !b.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                problems.push(format!(
+                    "backend[{i}].name (line {line}): `{}` must be non-empty letters, digits, '-', '_' or '.'",
+                    b.name
+                ));
+            }
+            for (j, other) in self.backend.iter().enumerate().take(i) {
+                let other = other.get_ref();
+                if other.name == b.name {
+                    problems.push(format!("backend[{i}].name (line {line}): `{}` is also backend[{j}]'s name", b.name));
+                }
+                if other.address == b.address {
+                    problems.push(format!(
+                        "backend[{i}].address (line {line}): {} is also backend[{j}]'s address",
+                        b.address
+                    ));
+                }
+            }
+        }
+        let h = &self.health;
+        if h.rise == 0 {
+            problems.push(format!("health.rise{}: must be at least 1", line_of("rise")));
+        }
+        if h.fall == 0 {
+            problems.push(format!("health.fall{}: must be at least 1", line_of("fall")));
+        }
+        for (key, d) in [("interval", h.interval), ("fast_interval", h.fast_interval), ("timeout", h.timeout)] {
+            if d.is_zero() {
+                problems.push(format!("health.{key}{}: must be greater than zero", line_of(key)));
+            }
+        }
+        let p = &self.proxy;
+        for (key, d) in [
+            ("leader_wait_timeout", p.leader_wait_timeout),
+            ("connect_timeout", p.connect_timeout),
+            ("client_hello_timeout", p.client_hello_timeout),
+        ] {
+            if d.is_zero() {
+                problems.push(format!("proxy.{key}{}: must be greater than zero", line_of(key)));
+            }
+        }
+        if p.max_connections == 0 {
+            problems.push(format!("proxy.max_connections{}: must be at least 1", line_of("max_connections")));
+        }
+        let secrets = [h.password.is_some(), h.password_env.is_some(), h.password_file.is_some()];
+        if secrets.iter().filter(|s| **s).count() > 1 {
+            problems.push("health: set at most one of password, password_env, password_file".to_owned());
+        }
+        if p.listen == self.admin.listen {
+            problems.push(format!("admin.listen: {} is also proxy.listen", p.listen));
+        }
+        if let Some(filter) = &self.log.filter {
+            if tracing_subscriber::EnvFilter::try_new(filter).is_err() {
+                problems.push(format!("log.filter{}: `{filter}` is not a valid filter", line_of("filter")));
+            }
+        }
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid { path: origin.to_owned(), problems });
+        }
+        Ok(Config {
+            proxy: self.proxy,
+            admin: self.admin,
+            health: self.health,
+            log: self.log,
+            backend: self.backend.into_iter().map(toml::Spanned::into_inner).collect(),
+        })
+    }
+}
+
+/// What a reload changes, classified: hot changes are applied, the rest need a restart.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ConfigDiff {
+    /// Keys that take effect without a restart.
+    pub hot: Vec<&'static str>,
+    /// Keys that are ignored until a restart (listen addresses).
+    pub restart_required: Vec<&'static str>,
+}
+
+impl Config {
+    /// Compares a new config against the running one.
+    pub fn diff(&self, new: &Config) -> ConfigDiff {
+        let mut d = ConfigDiff::default();
+        let mut check = |changed: bool, key: &'static str, hot: bool| {
+            if changed {
+                if hot { d.hot.push(key) } else { d.restart_required.push(key) }
+            }
+        };
+        check(self.proxy.listen != new.proxy.listen, "proxy.listen", false);
+        check(self.admin.listen != new.admin.listen, "admin.listen", false);
+        check(self.log != new.log, "log", false);
+        let proxy_rest = |c: &ProxyConfig| ProxyConfig { listen: new.proxy.listen, ..c.clone() };
+        check(proxy_rest(&self.proxy) != proxy_rest(&new.proxy), "proxy", true);
+        check(self.health != new.health, "health", true);
+        check(self.backend != new.backend, "backend", true);
+        d
+    }
+}
+
+/// 1-based line of a byte offset.
+fn line_at(text: &str, offset: usize) -> usize {
+    text.get(..offset).map_or(0, |s| s.matches('\n').count()) + 1
+}
+
+/// The first line assigning `key` (for errors about cross-field rules).
+fn key_line(text: &str, key: &str) -> Option<usize> {
+    text.lines().position(|l| {
+        let l = l.trim_start();
+        l.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with('='))
+    })
+    .map(|i| i + 1)
+}
+
+fn default_proxy_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 5433))
+}
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9543))
+}
+fn default_leader_wait() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_hello_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_connections() -> usize {
+    2000
+}
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(20)
+}
+fn default_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_fast_interval() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_check_timeout() -> Duration {
+    Duration::from_millis(800)
+}
+fn default_rise() -> u32 {
+    1
+}
+fn default_fall() -> u32 {
+    3
+}
+fn default_health_user() -> String {
+    "pgleader".to_owned()
+}
+fn default_health_database() -> String {
+    "postgres".to_owned()
+}
+fn default_proxy() -> ProxyConfig {
+    toml::from_str("").expect("every [proxy] key has a default")
+}
+fn default_admin() -> AdminConfig {
+    toml::from_str("").expect("every [admin] key has a default")
+}
+fn default_health() -> HealthConfig {
+    toml::from_str("").expect("every [health] key has a default")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "[[backend]]\nname = \"a\"\naddress = \"127.0.0.1:5432\"\n";
+
+    #[test]
+    fn defaults_fill_everything_but_backends() {
+        let c = Config::from_toml(MINIMAL, "t").unwrap();
+        assert_eq!(c.proxy.listen, "0.0.0.0:5433".parse().unwrap());
+        assert_eq!(c.health.timeout, Duration::from_millis(800));
+        assert_eq!((c.health.rise, c.health.fall), (1, 3));
+        assert_eq!(c.backend[0].address, HostPort { host: "127.0.0.1".into(), port: 5432 });
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let text = format!("[proxy]\nlisten = \"0.0.0.0:5433\"\nleader_wait_timout = \"1s\"\n{MINIMAL}");
+        let err = Config::from_toml(&text, "x.toml").unwrap_err().to_string();
+        assert!(err.contains("x.toml") && err.contains("leader_wait_timout") && err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_names_key_and_line() {
+        let text = format!("[health]\ninterval = \"soon\"\n{MINIMAL}");
+        let err = Config::from_toml(&text, "x.toml").unwrap_err().to_string();
+        assert!(err.contains("interval") && err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn cross_field_problems_are_collected() {
+        let text = "[health]\nrise = 0\npassword = \"a\"\npassword_env = \"B\"\n\
+                    [[backend]]\nname = \"a\"\naddress = \"h:1\"\n[[backend]]\nname = \"a\"\naddress = \"h:1\"\n";
+        let err = Config::from_toml(text, "x.toml").unwrap_err().to_string();
+        assert!(err.contains("health.rise (line 2)"), "{err}");
+        assert!(err.contains("backend[1].name (line 8)"), "{err}");
+        assert!(err.contains("backend[1].address"), "{err}");
+        assert!(err.contains("at most one of password"), "{err}");
+    }
+
+    #[test]
+    fn addresses_accept_names_and_ipv6() {
+        assert_eq!("db.local:5432".parse::<HostPort>().unwrap().host, "db.local");
+        assert_eq!("[::1]:5432".parse::<HostPort>().unwrap().to_string(), "[::1]:5432");
+        assert!("nope".parse::<HostPort>().is_err());
+        assert!("h:99999".parse::<HostPort>().is_err());
+    }
+
+    #[test]
+    fn secrets_are_masked() {
+        let text = format!("[health]\npassword = \"hunter2\"\n{MINIMAL}");
+        let c = Config::from_toml(&text, "t").unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+        assert!(!c.to_toml().contains("hunter2"));
+        assert_eq!(c.health_password().unwrap().unwrap().expose(), "hunter2");
+    }
+
+    #[test]
+    fn effective_config_round_trips() {
+        let c = Config::from_toml(MINIMAL, "t").unwrap();
+        assert_eq!(Config::from_toml(&c.to_toml(), "t").unwrap(), c);
+    }
+
+    #[test]
+    fn diff_classifies_changes() {
+        let a = Config::from_toml(MINIMAL, "t").unwrap();
+        let mut b = a.clone();
+        b.health.interval = Duration::from_secs(2);
+        b.proxy.listen = "127.0.0.1:1".parse().unwrap();
+        let d = a.diff(&b);
+        assert_eq!(d.hot, vec!["health"]);
+        assert_eq!(d.restart_required, vec!["proxy.listen"]);
+    }
+}

@@ -1,0 +1,514 @@
+//! The leader decision: observations in, a [`RoutingTable`] out. Pure: no I/O, no clock reads
+//! (callers pass `now`), no logging, no tokio.
+//!
+//! Rules (DESIGN.md "Leader decision rules"):
+//! 1. A backend is a *routable primary* when its latest check succeeded and said
+//!    `pg_is_in_recovery() = false`, it has had `rise` such checks in a row, and its health
+//!    connection has not been lost since.
+//! 2. A failed check counts toward `fall`. A lost connection ([`Observation::Lost`]) makes the
+//!    backend non-routable at once without counting toward `fall`; the next good check clears it.
+//! 3. Sessions on a backend are cut when another backend is the leader, when it reports
+//!    recovery, or when it reaches `fall` failed checks ([`RoutingTable::session_allowed`]).
+//! 4. One routable primary: the leader. None: no leader. Several: see below.
+//!
+//! Timelines: the table remembers the highest timeline it has ever seen a primary of each system
+//! (`system_identifier`) report. A primary below that is *stale* (a demoted leader that thawed, or
+//! a node that has not yet learned it lost a failover) and is never elected — so two primaries
+//! resolve to the strictly newer timeline, and the older one stays excluded even if the newer one
+//! then disappears. Several eligible primaries left (same system and timeline, or different or
+//! unknown systems) is split brain: no leader. The memory resets only when pgleader restarts, so
+//! restoring a cluster onto an *older* timeline needs a restart (see README, troubleshooting).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// Index of a backend in the configured list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendId(pub usize);
+
+/// The knobs of the decision, from `[health]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// Consecutive primary checks before a backend becomes routable.
+    pub rise: u32,
+    /// Consecutive failed checks before a backend is down and its sessions are cut.
+    pub fall: u32,
+    /// A backend with no observation for this long is not routable (its checker is stuck).
+    pub stale_after: Duration,
+}
+
+/// What one successful check saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probe {
+    /// `pg_is_in_recovery()`.
+    pub in_recovery: bool,
+    /// The current timeline of a primary; `None` for a replica.
+    pub timeline: Option<u32>,
+    /// `pg_control_system().system_identifier`, read once per health connection.
+    pub system_id: Option<u64>,
+}
+
+/// One event about one backend, from its health checker or from a failed client connect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Observation {
+    /// A check succeeded.
+    Checked(Probe),
+    /// A check failed (error or timeout); counts toward `fall`.
+    Failed { error: String },
+    /// The health connection was lost, or a client could not be connected: definitive, so the
+    /// backend is not routable until the next good check; does not count toward `fall`.
+    Lost { error: String },
+}
+
+/// The role a backend shows in `/status` and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    Unknown,
+    Primary,
+    Replica,
+    Down,
+}
+
+impl Role {
+    /// Every role, for pre-initialised metrics.
+    pub const ALL: [Role; 4] = [Role::Unknown, Role::Primary, Role::Replica, Role::Down];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Unknown => "unknown",
+            Role::Primary => "primary",
+            Role::Replica => "replica",
+            Role::Down => "down",
+        }
+    }
+}
+
+/// What is known about one backend: folded from its observations by [`BackendState::observe`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BackendState {
+    /// The latest successful check, kept through failures until the backend is down.
+    pub last_probe: Option<Probe>,
+    /// Consecutive successful checks that said primary.
+    pub primary_streak: u32,
+    /// Consecutive successful checks (any role).
+    pub ok_streak: u32,
+    /// Consecutive failed checks.
+    pub fail_streak: u32,
+    /// Lost since the last successful check.
+    pub lost: bool,
+    pub checks_total: u64,
+    pub failures_total: u64,
+    /// The latest failure, phrased for an operator.
+    pub last_error: Option<String>,
+    pub observed_at: Option<Instant>,
+}
+
+impl BackendState {
+    /// Folds one observation made at `at` into the state.
+    #[must_use]
+    pub fn observe(&self, obs: &Observation, at: Instant) -> BackendState {
+        let mut next = self.clone();
+        next.observed_at = Some(at);
+        match obs {
+            Observation::Checked(probe) => {
+                next.checks_total += 1;
+                next.ok_streak = next.ok_streak.saturating_add(1);
+                next.fail_streak = 0;
+                next.lost = false;
+                next.primary_streak = if probe.in_recovery { 0 } else { next.primary_streak.saturating_add(1) };
+                next.last_probe = Some(*probe);
+            }
+            Observation::Failed { error } => {
+                next.checks_total += 1;
+                next.failures_total += 1;
+                next.ok_streak = 0;
+                next.primary_streak = 0;
+                next.fail_streak = next.fail_streak.saturating_add(1);
+                next.last_error = Some(error.clone());
+            }
+            Observation::Lost { error } => {
+                next.lost = true;
+                next.ok_streak = 0;
+                next.primary_streak = 0;
+                next.last_error = Some(error.clone());
+            }
+        }
+        next
+    }
+
+    /// The role to show: `down` after `fall` failures, else what the latest check saw.
+    pub fn role(&self, policy: &Policy) -> Role {
+        match self.last_probe {
+            _ if self.fail_streak >= policy.fall => Role::Down,
+            Some(p) if p.in_recovery => Role::Replica,
+            Some(_) => Role::Primary,
+            None => Role::Unknown,
+        }
+    }
+
+    /// Rule 1, plus freshness.
+    fn is_routable_primary(&self, policy: &Policy, now: Instant) -> bool {
+        let fresh = self.observed_at.is_some_and(|t| now.saturating_duration_since(t) <= policy.stale_after);
+        let primary = self.last_probe.is_some_and(|p| !p.in_recovery);
+        primary && fresh && !self.lost && self.fail_streak == 0 && self.primary_streak >= policy.rise.max(1)
+    }
+
+    /// Rule 3, the backend's own half: not in recovery and fewer than `fall` failures.
+    fn keeps_sessions(&self, policy: &Policy) -> bool {
+        self.fail_streak < policy.fall && !self.last_probe.is_some_and(|p| p.in_recovery)
+    }
+}
+
+/// Why the table has (or has not) a leader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// No decision yet: no backend has been checked.
+    Starting,
+    /// Exactly one routable primary.
+    SolePrimary,
+    /// Other primaries are routable but on an older timeline of the same system.
+    NewestTimeline,
+    /// No routable primary.
+    NoPrimary,
+    /// The only routable primaries are on a timeline older than one already seen.
+    StaleTimeline,
+    /// Two or more primaries of one system on the same (highest) timeline.
+    SplitBrainSameTimeline,
+    /// Two or more primaries of different (or unknown) systems: a misconfiguration.
+    SplitBrainDifferentSystems,
+}
+
+impl Reason {
+    /// A sentence for `/status`, `/readyz` and the client's error message.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Reason::Starting => "no health check has completed yet",
+            Reason::SolePrimary => "the only routable primary",
+            Reason::NewestTimeline => "the primary on the newest timeline; other primaries are stale",
+            Reason::NoPrimary => "no backend is a healthy primary (failover in progress, or all primaries down)",
+            Reason::StaleTimeline => "the only primaries are on a timeline older than one already seen (a demoted leader)",
+            Reason::SplitBrainSameTimeline => "split brain: several primaries on the same timeline; refusing to pick one",
+            Reason::SplitBrainDifferentSystems => {
+                "split brain: primaries belong to different database systems (misconfigured backends)"
+            }
+        }
+    }
+
+    /// A stable identifier for JSON and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Starting => "starting",
+            Reason::SolePrimary => "sole_primary",
+            Reason::NewestTimeline => "newest_timeline",
+            Reason::NoPrimary => "no_primary",
+            Reason::StaleTimeline => "stale_timeline",
+            Reason::SplitBrainSameTimeline => "split_brain_same_timeline",
+            Reason::SplitBrainDifferentSystems => "split_brain_different_systems",
+        }
+    }
+
+    pub fn is_split_brain(self) -> bool {
+        matches!(self, Reason::SplitBrainSameTimeline | Reason::SplitBrainDifferentSystems)
+    }
+}
+
+/// One backend as the decision saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendView {
+    pub state: BackendState,
+    pub role: Role,
+    /// New sessions may be routed here (rule 1, not stale).
+    pub routable: bool,
+    /// Existing sessions here may stay, as far as this backend's own health goes (rule 3).
+    pub keeps_sessions: bool,
+}
+
+/// The published routing state: the only thing sessions, the admin server and checkers read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutingTable {
+    pub leader: Option<BackendId>,
+    pub reason: Reason,
+    /// Increases whenever `leader` changes.
+    pub epoch: u64,
+    /// Indexed by [`BackendId`].
+    pub backends: Vec<BackendView>,
+    /// The highest timeline seen per system identifier; carried from table to table.
+    pub max_timelines: BTreeMap<Option<u64>, u32>,
+}
+
+impl RoutingTable {
+    /// The table before any check: no leader.
+    pub fn initial(backends: usize) -> RoutingTable {
+        let view = BackendView { state: BackendState::default(), role: Role::Unknown, routable: false, keeps_sessions: true };
+        RoutingTable {
+            leader: None,
+            reason: Reason::Starting,
+            epoch: 0,
+            backends: vec![view; backends],
+            max_timelines: BTreeMap::new(),
+        }
+    }
+
+    /// Rule 3: may a session on `backend` stay open?
+    pub fn session_allowed(&self, backend: BackendId) -> bool {
+        let another_leads = self.leader.is_some_and(|l| l != backend);
+        let healthy = self.backends.get(backend.0).is_some_and(|b| b.keeps_sessions);
+        !another_leads && healthy
+    }
+
+    /// Whether anything that sessions or checkers act on differs (counters and errors do not).
+    pub fn routing_differs(&self, other: &RoutingTable) -> bool {
+        self.leader != other.leader
+            || self.epoch != other.epoch
+            || self.reason != other.reason
+            || self.backends.len() != other.backends.len()
+            || self
+                .backends
+                .iter()
+                .zip(&other.backends)
+                .any(|(a, b)| a.routable != b.routable || a.keeps_sessions != b.keeps_sessions || a.role != b.role)
+    }
+}
+
+/// Decides the leader from every backend's state. Deterministic: same inputs, same table.
+pub fn decide(prev: &RoutingTable, states: &[BackendState], policy: &Policy, now: Instant) -> RoutingTable {
+    let mut max_timelines = prev.max_timelines.clone();
+    for probe in states.iter().filter_map(|s| s.last_probe) {
+        if let (false, Some(tl)) = (probe.in_recovery, probe.timeline) {
+            let seen = max_timelines.entry(probe.system_id).or_insert(tl);
+            *seen = (*seen).max(tl);
+        }
+    }
+    let is_current = |s: &BackendState| {
+        s.last_probe.is_some_and(|p| p.timeline.is_some_and(|tl| max_timelines.get(&p.system_id) == Some(&tl)))
+    };
+
+    let backends: Vec<BackendView> = states
+        .iter()
+        .map(|s| BackendView {
+            state: s.clone(),
+            role: s.role(policy),
+            routable: s.is_routable_primary(policy, now) && is_current(s),
+            keeps_sessions: s.keeps_sessions(policy),
+        })
+        .collect();
+
+    let primaries: Vec<usize> = (0..states.len()).filter(|&i| states[i].is_routable_primary(policy, now)).collect();
+    let current: Vec<usize> = primaries.iter().copied().filter(|&i| backends[i].routable).collect();
+    let (leader, reason) = match current.as_slice() {
+        [] if states.iter().all(|s| s.observed_at.is_none()) => (None, Reason::Starting),
+        [] if primaries.is_empty() => (None, Reason::NoPrimary),
+        [] => (None, Reason::StaleTimeline),
+        [only] if primaries.len() == 1 => (Some(BackendId(*only)), Reason::SolePrimary),
+        [only] => (Some(BackendId(*only)), Reason::NewestTimeline),
+        many => {
+            let system = |i: &usize| states[*i].last_probe.and_then(|p| p.system_id);
+            let first = system(&many[0]);
+            if first.is_some() && many.iter().all(|i| system(i) == first) {
+                (None, Reason::SplitBrainSameTimeline)
+            } else {
+                (None, Reason::SplitBrainDifferentSystems)
+            }
+        }
+    };
+    let mut backends = backends;
+    if leader.is_none() {
+        for b in &mut backends {
+            b.routable = false;
+        }
+    }
+    let epoch = if leader != prev.leader { prev.epoch + 1 } else { prev.epoch };
+    RoutingTable { leader, reason, epoch, backends, max_timelines }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const POLICY: Policy = Policy { rise: 1, fall: 3, stale_after: Duration::from_secs(10) };
+
+    fn primary(tl: u32, sys: u64) -> Observation {
+        Observation::Checked(Probe { in_recovery: false, timeline: Some(tl), system_id: Some(sys) })
+    }
+    fn replica(sys: u64) -> Observation {
+        Observation::Checked(Probe { in_recovery: true, timeline: None, system_id: Some(sys) })
+    }
+    fn failed() -> Observation {
+        Observation::Failed { error: "timeout".into() }
+    }
+    fn lost() -> Observation {
+        Observation::Lost { error: "connection reset".into() }
+    }
+
+    /// Feeds observations in order and returns the final table.
+    fn run(n: usize, policy: &Policy, events: &[(usize, Observation)]) -> RoutingTable {
+        let t0 = Instant::now();
+        let mut states = vec![BackendState::default(); n];
+        let mut table = RoutingTable::initial(n);
+        for (i, (b, obs)) in events.iter().enumerate() {
+            let at = t0 + Duration::from_millis(i as u64);
+            states[*b] = states[*b].observe(obs, at);
+            table = decide(&table, &states, policy, at);
+        }
+        table
+    }
+
+    #[test]
+    fn table_driven() {
+        struct Case {
+            name: &'static str,
+            events: Vec<(usize, Observation)>,
+            leader: Option<usize>,
+            reason: Reason,
+        }
+        let cases = vec![
+            Case { name: "nothing checked yet", events: vec![], leader: None, reason: Reason::Starting },
+            Case { name: "primary and replica", events: vec![(0, primary(1, 7)), (1, replica(7))], leader: Some(0), reason: Reason::SolePrimary },
+            Case { name: "two replicas", events: vec![(0, replica(7)), (1, replica(7))], leader: None, reason: Reason::NoPrimary },
+            Case {
+                name: "promoted replica beside a running old primary",
+                events: vec![(0, primary(1, 7)), (1, replica(7)), (1, primary(2, 7))],
+                leader: Some(1),
+                reason: Reason::NewestTimeline,
+            },
+            Case {
+                name: "same timeline twice is split brain",
+                events: vec![(0, primary(1, 7)), (1, primary(1, 7))],
+                leader: None,
+                reason: Reason::SplitBrainSameTimeline,
+            },
+            Case {
+                name: "different systems is split brain",
+                events: vec![(0, primary(1, 7)), (1, primary(5, 8))],
+                leader: None,
+                reason: Reason::SplitBrainDifferentSystems,
+            },
+            Case {
+                name: "unknown system is split brain",
+                events: vec![
+                    (0, primary(1, 7)),
+                    (1, Observation::Checked(Probe { in_recovery: false, timeline: Some(2), system_id: None })),
+                ],
+                leader: None,
+                reason: Reason::SplitBrainDifferentSystems,
+            },
+            Case {
+                name: "one failed check holds new sessions",
+                events: vec![(0, primary(1, 7)), (0, failed())],
+                leader: None,
+                reason: Reason::NoPrimary,
+            },
+            Case {
+                name: "a lost connection holds new sessions at once",
+                events: vec![(0, primary(1, 7)), (0, lost())],
+                leader: None,
+                reason: Reason::NoPrimary,
+            },
+            Case {
+                name: "a good check after a loss restores routing",
+                events: vec![(0, primary(1, 7)), (0, lost()), (0, primary(1, 7))],
+                leader: Some(0),
+                reason: Reason::SolePrimary,
+            },
+            Case {
+                name: "an older timeline stays excluded after the newer primary vanishes",
+                events: vec![(0, primary(1, 7)), (1, primary(2, 7)), (1, lost()), (0, primary(1, 7))],
+                leader: None,
+                reason: Reason::StaleTimeline,
+            },
+        ];
+        for case in cases {
+            let table = run(2, &POLICY, &case.events);
+            assert_eq!(table.leader, case.leader.map(BackendId), "{}", case.name);
+            assert_eq!(table.reason, case.reason, "{}", case.name);
+        }
+    }
+
+    #[test]
+    fn rise_needs_consecutive_primary_checks() {
+        let policy = Policy { rise: 2, ..POLICY };
+        assert_eq!(run(1, &policy, &[(0, primary(1, 7))]).leader, None);
+        assert_eq!(run(1, &policy, &[(0, primary(1, 7)), (0, primary(1, 7))]).leader, Some(BackendId(0)));
+        assert_eq!(run(1, &policy, &[(0, primary(1, 7)), (0, failed()), (0, primary(1, 7))]).leader, None);
+    }
+
+    #[test]
+    fn sessions_are_cut_by_fall_recovery_or_another_leader_but_not_by_a_lost_connection() {
+        let a = BackendId(0);
+        let t = run(2, &POLICY, &[(0, primary(1, 7)), (0, lost())]);
+        assert!(t.session_allowed(a), "one lost health connection must not cut sessions");
+        let t = run(2, &POLICY, &[(0, primary(1, 7)), (0, failed()), (0, failed())]);
+        assert!(t.session_allowed(a));
+        let t = run(2, &POLICY, &[(0, primary(1, 7)), (0, failed()), (0, failed()), (0, failed())]);
+        assert!(!t.session_allowed(a), "fall failures cut sessions");
+        assert_eq!(t.backends[0].role, Role::Down);
+        let t = run(2, &POLICY, &[(0, primary(1, 7)), (0, replica(7))]);
+        assert!(!t.session_allowed(a), "a demoted node's sessions are cut");
+        let t = run(2, &POLICY, &[(0, primary(1, 7)), (1, primary(2, 7))]);
+        assert!(!t.session_allowed(a), "another leader cuts sessions");
+        assert!(t.session_allowed(BackendId(1)));
+    }
+
+    #[test]
+    fn stale_observations_are_not_routable() {
+        let t0 = Instant::now();
+        let s = BackendState::default().observe(&primary(1, 7), t0);
+        let fresh = decide(&RoutingTable::initial(1), std::slice::from_ref(&s), &POLICY, t0 + Duration::from_secs(1));
+        assert_eq!(fresh.leader, Some(BackendId(0)));
+        let stale = decide(&fresh, &[s], &POLICY, t0 + Duration::from_secs(11));
+        assert_eq!(stale.leader, None);
+        assert_eq!(stale.epoch, fresh.epoch + 1);
+    }
+
+    fn arb_obs() -> impl Strategy<Value = Observation> {
+        prop_oneof![
+            (1u32..4, 1u64..3).prop_map(|(tl, sys)| primary(tl, sys)),
+            (1u64..3).prop_map(replica),
+            Just(failed()),
+            Just(lost()),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn safety_invariants(
+            events in proptest::collection::vec((0usize..3, arb_obs()), 0..40),
+            rise in 1u32..3,
+            fall in 1u32..4,
+        ) {
+            let policy = Policy { rise, fall, stale_after: Duration::from_secs(60) };
+            let t0 = Instant::now();
+            let mut states = vec![BackendState::default(); 3];
+            let mut table = RoutingTable::initial(3);
+            for (i, (b, obs)) in events.iter().enumerate() {
+                let now = t0 + Duration::from_millis(i as u64);
+                states[*b] = states[*b].observe(obs, now);
+                let next = decide(&table, &states, &policy, now);
+                // Determinism.
+                prop_assert_eq!(&next, &decide(&table, &states, &policy, now));
+                if let Some(l) = next.leader {
+                    let s = &states[l.0];
+                    let probe = s.last_probe.expect("a leader has been checked");
+                    // Never a leader that is not a routable primary.
+                    prop_assert!(!probe.in_recovery && s.fail_streak == 0 && !s.lost && s.primary_streak >= rise);
+                    // Never a leader when another routable primary shares its timeline or differs in system.
+                    for (j, other) in states.iter().enumerate() {
+                        if j == l.0 || !other.is_routable_primary(&policy, now) { continue; }
+                        let op = other.last_probe.expect("checked");
+                        prop_assert_eq!(op.system_id, probe.system_id);
+                        prop_assert!(op.timeline < probe.timeline);
+                    }
+                    // The leader's timeline is the highest ever seen for its system.
+                    prop_assert_eq!(next.max_timelines.get(&probe.system_id).copied(), probe.timeline);
+                }
+                // The epoch moves exactly when the leader does.
+                prop_assert_eq!(next.epoch != table.epoch, next.leader != table.leader);
+                // No change without an input change.
+                let again = decide(&next, &states, &policy, now);
+                prop_assert!(!again.routing_differs(&next));
+                table = next;
+            }
+        }
+    }
+}
