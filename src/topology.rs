@@ -15,16 +15,17 @@
 //! (`system_identifier`) report. A primary below that is *stale* (a demoted leader that thawed, or
 //! a node that has not yet learned it lost a failover) and is never elected — so two primaries
 //! resolve to the strictly newer timeline, and the older one stays excluded even if the newer one
-//! then disappears. Several eligible primaries left (same system and timeline, or different or
-//! unknown systems) is split brain: no leader. The memory resets only when pgleader restarts, so
+//! then disappears. Routable primaries of different (or unknown) systems are a misconfiguration,
+//! and several primaries left on the same newest timeline is split brain: no leader either way. The memory resets only when pgleader restarts, so
 //! restoring a cluster onto an *older* timeline needs a restart (see README, troubleshooting).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-/// Index of a backend in the configured list.
+/// A backend's identity: allocated once per configured (name, address) and never reused, so a
+/// reload that adds or removes backends cannot make a session's id point at another server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct BackendId(pub usize);
+pub struct BackendId(pub u32);
 
 /// The knobs of the decision, from `[health]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +59,14 @@ pub enum Observation {
     /// The health connection was lost, or a client could not be connected: definitive, so the
     /// backend is not routable until the next good check; does not count toward `fall`.
     Lost { error: String },
+}
+
+/// An observation of one backend at one moment, as sent to the elector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub backend: BackendId,
+    pub observation: Observation,
+    pub at: Instant,
 }
 
 /// The role a backend shows in `/status` and metrics.
@@ -212,9 +221,22 @@ impl Reason {
     }
 }
 
+/// A configured backend and what is known about it: the input of [`decide`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    pub id: BackendId,
+    pub name: String,
+    /// `host:port`; a DNS name is resolved at each connect.
+    pub address: String,
+    pub state: BackendState,
+}
+
 /// One backend as the decision saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendView {
+    pub id: BackendId,
+    pub name: String,
+    pub address: String,
     pub state: BackendState,
     pub role: Role,
     /// New sessions may be routed here (rule 1, not stale).
@@ -230,7 +252,7 @@ pub struct RoutingTable {
     pub reason: Reason,
     /// Increases whenever `leader` changes.
     pub epoch: u64,
-    /// Indexed by [`BackendId`].
+    /// In configuration order.
     pub backends: Vec<BackendView>,
     /// The highest timeline seen per system identifier; carried from table to table.
     pub max_timelines: BTreeMap<Option<u64>, u32>,
@@ -238,21 +260,24 @@ pub struct RoutingTable {
 
 impl RoutingTable {
     /// The table before any check: no leader.
-    pub fn initial(backends: usize) -> RoutingTable {
-        let view = BackendView { state: BackendState::default(), role: Role::Unknown, routable: false, keeps_sessions: true };
-        RoutingTable {
-            leader: None,
-            reason: Reason::Starting,
-            epoch: 0,
-            backends: vec![view; backends],
-            max_timelines: BTreeMap::new(),
-        }
+    pub fn initial() -> RoutingTable {
+        RoutingTable { leader: None, reason: Reason::Starting, epoch: 0, backends: Vec::new(), max_timelines: BTreeMap::new() }
+    }
+
+    /// The leader's view, if there is a leader.
+    pub fn leader_view(&self) -> Option<&BackendView> {
+        self.leader.and_then(|id| self.backend(id))
+    }
+
+    /// The view of one backend; `None` once a reload removed it.
+    pub fn backend(&self, id: BackendId) -> Option<&BackendView> {
+        self.backends.iter().find(|b| b.id == id)
     }
 
     /// Rule 3: may a session on `backend` stay open?
     pub fn session_allowed(&self, backend: BackendId) -> bool {
         let another_leads = self.leader.is_some_and(|l| l != backend);
-        let healthy = self.backends.get(backend.0).is_some_and(|b| b.keeps_sessions);
+        let healthy = self.backend(backend).is_some_and(|b| b.keeps_sessions);
         !another_leads && healthy
     }
 
@@ -266,12 +291,13 @@ impl RoutingTable {
                 .backends
                 .iter()
                 .zip(&other.backends)
-                .any(|(a, b)| a.routable != b.routable || a.keeps_sessions != b.keeps_sessions || a.role != b.role)
+                .any(|(a, b)| a.id != b.id || a.routable != b.routable || a.keeps_sessions != b.keeps_sessions || a.role != b.role)
     }
 }
 
 /// Decides the leader from every backend's state. Deterministic: same inputs, same table.
-pub fn decide(prev: &RoutingTable, states: &[BackendState], policy: &Policy, now: Instant) -> RoutingTable {
+pub fn decide(prev: &RoutingTable, backends: &[Backend], policy: &Policy, now: Instant) -> RoutingTable {
+    let states: Vec<&BackendState> = backends.iter().map(|b| &b.state).collect();
     let mut max_timelines = prev.max_timelines.clone();
     for probe in states.iter().filter_map(|s| s.last_probe) {
         if let (false, Some(tl)) = (probe.in_recovery, probe.timeline) {
@@ -283,42 +309,40 @@ pub fn decide(prev: &RoutingTable, states: &[BackendState], policy: &Policy, now
         s.last_probe.is_some_and(|p| p.timeline.is_some_and(|tl| max_timelines.get(&p.system_id) == Some(&tl)))
     };
 
-    let backends: Vec<BackendView> = states
+    let views: Vec<BackendView> = backends
         .iter()
-        .map(|s| BackendView {
-            state: s.clone(),
-            role: s.role(policy),
-            routable: s.is_routable_primary(policy, now) && is_current(s),
-            keeps_sessions: s.keeps_sessions(policy),
+        .map(|b| BackendView {
+            id: b.id,
+            name: b.name.clone(),
+            address: b.address.clone(),
+            state: b.state.clone(),
+            role: b.state.role(policy),
+            routable: b.state.is_routable_primary(policy, now) && is_current(&b.state),
+            keeps_sessions: b.state.keeps_sessions(policy),
         })
         .collect();
 
     let primaries: Vec<usize> = (0..states.len()).filter(|&i| states[i].is_routable_primary(policy, now)).collect();
-    let current: Vec<usize> = primaries.iter().copied().filter(|&i| backends[i].routable).collect();
+    let current: Vec<usize> = primaries.iter().copied().filter(|&i| views[i].routable).collect();
+    let system = |i: usize| states[i].last_probe.and_then(|p| p.system_id);
+    let one_system = primaries.first().is_some_and(|&first| system(first).is_some() && primaries.iter().all(|&i| system(i) == system(first)));
     let (leader, reason) = match current.as_slice() {
+        _ if primaries.len() > 1 && !one_system => (None, Reason::SplitBrainDifferentSystems),
         [] if states.iter().all(|s| s.observed_at.is_none()) => (None, Reason::Starting),
         [] if primaries.is_empty() => (None, Reason::NoPrimary),
         [] => (None, Reason::StaleTimeline),
-        [only] if primaries.len() == 1 => (Some(BackendId(*only)), Reason::SolePrimary),
-        [only] => (Some(BackendId(*only)), Reason::NewestTimeline),
-        many => {
-            let system = |i: &usize| states[*i].last_probe.and_then(|p| p.system_id);
-            let first = system(&many[0]);
-            if first.is_some() && many.iter().all(|i| system(i) == first) {
-                (None, Reason::SplitBrainSameTimeline)
-            } else {
-                (None, Reason::SplitBrainDifferentSystems)
-            }
-        }
+        [only] if primaries.len() == 1 => (Some(backends[*only].id), Reason::SolePrimary),
+        [only] => (Some(backends[*only].id), Reason::NewestTimeline),
+        _ => (None, Reason::SplitBrainSameTimeline),
     };
-    let mut backends = backends;
+    let mut views = views;
     if leader.is_none() {
-        for b in &mut backends {
-            b.routable = false;
+        for v in &mut views {
+            v.routable = false;
         }
     }
     let epoch = if leader != prev.leader { prev.epoch + 1 } else { prev.epoch };
-    RoutingTable { leader, reason, epoch, backends, max_timelines }
+    RoutingTable { leader, reason, epoch, backends: views, max_timelines }
 }
 
 #[cfg(test)]
@@ -341,14 +365,20 @@ mod tests {
         Observation::Lost { error: "connection reset".into() }
     }
 
+    fn backends(n: u32) -> Vec<Backend> {
+        (0..n)
+            .map(|i| Backend { id: BackendId(i), name: format!("b{i}"), address: format!("h:{i}"), state: BackendState::default() })
+            .collect()
+    }
+
     /// Feeds observations in order and returns the final table.
-    fn run(n: usize, policy: &Policy, events: &[(usize, Observation)]) -> RoutingTable {
+    fn run(n: u32, policy: &Policy, events: &[(usize, Observation)]) -> RoutingTable {
         let t0 = Instant::now();
-        let mut states = vec![BackendState::default(); n];
-        let mut table = RoutingTable::initial(n);
+        let mut states = backends(n);
+        let mut table = RoutingTable::initial();
         for (i, (b, obs)) in events.iter().enumerate() {
             let at = t0 + Duration::from_millis(i as u64);
-            states[*b] = states[*b].observe(obs, at);
+            states[*b].state = states[*b].state.observe(obs, at);
             table = decide(&table, &states, policy, at);
         }
         table
@@ -420,7 +450,7 @@ mod tests {
         ];
         for case in cases {
             let table = run(2, &POLICY, &case.events);
-            assert_eq!(table.leader, case.leader.map(BackendId), "{}", case.name);
+            assert_eq!(table.leader, case.leader.map(|i| BackendId(i as u32)), "{}", case.name);
             assert_eq!(table.reason, case.reason, "{}", case.name);
         }
     }
@@ -453,10 +483,11 @@ mod tests {
     #[test]
     fn stale_observations_are_not_routable() {
         let t0 = Instant::now();
-        let s = BackendState::default().observe(&primary(1, 7), t0);
-        let fresh = decide(&RoutingTable::initial(1), std::slice::from_ref(&s), &POLICY, t0 + Duration::from_secs(1));
+        let mut s = backends(1);
+        s[0].state = s[0].state.observe(&primary(1, 7), t0);
+        let fresh = decide(&RoutingTable::initial(), &s, &POLICY, t0 + Duration::from_secs(1));
         assert_eq!(fresh.leader, Some(BackendId(0)));
-        let stale = decide(&fresh, &[s], &POLICY, t0 + Duration::from_secs(11));
+        let stale = decide(&fresh, &s, &POLICY, t0 + Duration::from_secs(11));
         assert_eq!(stale.leader, None);
         assert_eq!(stale.epoch, fresh.epoch + 1);
     }
@@ -479,22 +510,23 @@ mod tests {
         ) {
             let policy = Policy { rise, fall, stale_after: Duration::from_secs(60) };
             let t0 = Instant::now();
-            let mut states = vec![BackendState::default(); 3];
-            let mut table = RoutingTable::initial(3);
+            let mut states = backends(3);
+            let mut table = RoutingTable::initial();
             for (i, (b, obs)) in events.iter().enumerate() {
                 let now = t0 + Duration::from_millis(i as u64);
-                states[*b] = states[*b].observe(obs, now);
+                states[*b].state = states[*b].state.observe(obs, now);
                 let next = decide(&table, &states, &policy, now);
                 // Determinism.
                 prop_assert_eq!(&next, &decide(&table, &states, &policy, now));
                 if let Some(l) = next.leader {
-                    let s = &states[l.0];
+                    let s = &states[l.0 as usize].state;
                     let probe = s.last_probe.expect("a leader has been checked");
                     // Never a leader that is not a routable primary.
                     prop_assert!(!probe.in_recovery && s.fail_streak == 0 && !s.lost && s.primary_streak >= rise);
                     // Never a leader when another routable primary shares its timeline or differs in system.
-                    for (j, other) in states.iter().enumerate() {
-                        if j == l.0 || !other.is_routable_primary(&policy, now) { continue; }
+                    for other in &states {
+                        let (id, other) = (other.id, &other.state);
+                        if id == l || !other.is_routable_primary(&policy, now) { continue; }
                         let op = other.last_probe.expect("checked");
                         prop_assert_eq!(op.system_id, probe.system_id);
                         prop_assert!(op.timeline < probe.timeline);

@@ -1,0 +1,266 @@
+//! The admin HTTP server (hyper 1, HTTP/1.1), separate from the proxy listener.
+//!
+//! Endpoints (GET only):
+//! - `/healthz`: liveness, 200 while the process and its event loop answer.
+//! - `/readyz`: readiness, 200 when a leader is routable and pgleader is not draining; else 503
+//!   with the reason as the body.
+//! - `/status`: JSON of the routing table: `leader`, `reason`, `epoch`, `draining`,
+//!   `config_generation`, and per backend its role, routability, timeline, system identifier,
+//!   check counters and last error. No secrets are ever part of it.
+//! - `/metrics`: the Prometheus text format.
+//!
+//! Readiness is derived (table has a leader, drain token not cancelled), never stored. Handlers
+//! hold only read-only handles; the server runs on the main runtime, and each connection is raced
+//! against the stop token so a drain ends cleanly.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::topology::RoutingTable;
+
+/// What the handlers read.
+pub struct AdminState {
+    pub routing: watch::Receiver<Arc<RoutingTable>>,
+    pub metrics: Arc<Metrics>,
+    /// Cancelled when a drain starts: readiness turns 503.
+    pub draining: CancellationToken,
+    /// Increases with every applied reload.
+    pub config_generation: Arc<AtomicU64>,
+}
+
+/// The admin listener's accept loop.
+pub struct Admin {
+    pub listener: TcpListener,
+    pub state: Arc<AdminState>,
+    /// Stops the server (the last step of shutdown).
+    pub stop: CancellationToken,
+}
+
+impl Admin {
+    /// Serves until `stop` is cancelled.
+    pub async fn run(self) {
+        loop {
+            let accepted = tokio::select! {
+                () = self.stop.cancelled() => return,
+                r = self.listener.accept() => r,
+            };
+            let (stream, _peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let state = Arc::clone(&self.state);
+            let stop = self.stop.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let state = Arc::clone(&state);
+                    async move { Ok::<_, Infallible>(handle(&state, &req)) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+                tokio::select! {
+                    r = conn => if let Err(e) = r { tracing::debug!(error = %e, "admin connection failed") },
+                    () = stop.cancelled() => {}
+                }
+            });
+        }
+    }
+}
+
+/// Routes one request. Pure apart from reading the shared handles, so tests call it directly.
+pub fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    route(state, req.method(), req.uri().path())
+}
+
+fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<Bytes>> {
+    if method != Method::GET && method != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    }
+    match path {
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" => {
+            let table = state.routing.borrow().clone();
+            match (state.draining.is_cancelled(), table.leader_view()) {
+                (true, _) => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: draining (shutting down)\n"),
+                (false, Some(leader)) => text(StatusCode::OK, &format!("ready: leader {}\n", leader.name)),
+                (false, None) => text(StatusCode::SERVICE_UNAVAILABLE, &format!("not ready: no leader: {}\n", table.reason.describe())),
+            }
+        }
+        "/status" => {
+            let table = state.routing.borrow().clone();
+            let body = status_json(&table, state.draining.is_cancelled(), state.config_generation.load(Ordering::Relaxed));
+            with_type(StatusCode::OK, body, "application/json")
+        }
+        "/metrics" => with_type(StatusCode::OK, state.metrics.encode(), "text/plain; version=0.0.4"),
+        _ => text(StatusCode::NOT_FOUND, "not found: try /status, /metrics, /healthz or /readyz\n"),
+    }
+}
+
+#[derive(Serialize)]
+struct Status<'a> {
+    leader: Option<&'a str>,
+    reason: &'static str,
+    reason_text: &'static str,
+    split_brain: bool,
+    epoch: u64,
+    draining: bool,
+    config_generation: u64,
+    backends: Vec<BackendStatus<'a>>,
+}
+
+#[derive(Serialize)]
+struct BackendStatus<'a> {
+    name: &'a str,
+    address: &'a str,
+    role: &'static str,
+    routable: bool,
+    leader: bool,
+    timeline: Option<u32>,
+    /// A string: 64-bit identifiers do not fit a JSON number safely.
+    system_identifier: Option<String>,
+    last_error: Option<&'a str>,
+    checks_total: u64,
+    failures_total: u64,
+    consecutive_successes: u32,
+    consecutive_failures: u32,
+    connection_lost: bool,
+}
+
+/// The `/status` document.
+pub fn status_json(table: &RoutingTable, draining: bool, config_generation: u64) -> Vec<u8> {
+    let status = Status {
+        leader: table.leader_view().map(|b| b.name.as_str()),
+        reason: table.reason.as_str(),
+        reason_text: table.reason.describe(),
+        split_brain: table.reason.is_split_brain(),
+        epoch: table.epoch,
+        draining,
+        config_generation,
+        backends: table
+            .backends
+            .iter()
+            .map(|b| BackendStatus {
+                name: &b.name,
+                address: &b.address,
+                role: b.role.as_str(),
+                routable: b.routable,
+                leader: table.leader == Some(b.id),
+                timeline: b.state.last_probe.and_then(|p| p.timeline),
+                system_identifier: b.state.last_probe.and_then(|p| p.system_id).map(|s| s.to_string()),
+                last_error: b.state.last_error.as_deref(),
+                checks_total: b.state.checks_total,
+                failures_total: b.state.failures_total,
+                consecutive_successes: b.state.ok_streak,
+                consecutive_failures: b.state.fail_streak,
+                connection_lost: b.state.lost,
+            })
+            .collect(),
+    };
+    let mut body = serde_json::to_vec_pretty(&status).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}").into_bytes());
+    body.push(b'\n');
+    body
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    with_type(status, body.as_bytes().to_vec(), "text/plain; charset=utf-8")
+}
+
+fn with_type(status: StatusCode, body: Vec<u8>, content_type: &'static str) -> Response<Full<Bytes>> {
+    let mut rsp = Response::new(Full::new(Bytes::from(body)));
+    *rsp.status_mut() = status;
+    rsp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    rsp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::{decide, Backend, BackendId, BackendState, Observation, Policy, Probe};
+    use std::time::{Duration, Instant};
+
+    fn state_with(table: RoutingTable) -> AdminState {
+        let (_tx, rx) = watch::channel(Arc::new(table));
+        AdminState {
+            routing: rx,
+            metrics: Arc::new(Metrics::new(&["a".to_owned()])),
+            draining: CancellationToken::new(),
+            config_generation: Arc::new(AtomicU64::new(1)),
+        }
+    }
+
+    fn with_leader() -> RoutingTable {
+        let now = Instant::now();
+        let probe = Probe { in_recovery: false, timeline: Some(3), system_id: Some(u64::MAX) };
+        let backends = [Backend {
+            id: BackendId(0),
+            name: "a".into(),
+            address: "127.0.0.1:5432".into(),
+            state: BackendState::default().observe(&Observation::Checked(probe), now),
+        }];
+        let policy = Policy { rise: 1, fall: 3, stale_after: Duration::from_secs(10) };
+        decide(&RoutingTable::initial(), &backends, &policy, now)
+    }
+
+    fn body(rsp: Response<Full<Bytes>>) -> (StatusCode, String) {
+        use http_body_util::BodyExt;
+        let status = rsp.status();
+        let bytes = block_on(rsp.into_body().collect()).unwrap().to_bytes();
+        (status, String::from_utf8(bytes.to_vec()).unwrap())
+    }
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+    }
+
+    #[test]
+    fn readiness_follows_leader_and_drain() {
+        let s = state_with(RoutingTable::initial());
+        let (code, text) = body(route(&s, &Method::GET, "/readyz"));
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(text.contains("no leader"), "{text}");
+        let s = state_with(with_leader());
+        assert_eq!(body(route(&s, &Method::GET, "/readyz")).0, StatusCode::OK);
+        s.draining.cancel();
+        let (code, text) = body(route(&s, &Method::GET, "/readyz"));
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(text.contains("draining"));
+        assert_eq!(body(route(&s, &Method::GET, "/healthz")).0, StatusCode::OK);
+    }
+
+    #[test]
+    fn status_is_json_with_backends() {
+        let s = state_with(with_leader());
+        let (code, text) = body(route(&s, &Method::GET, "/status"));
+        assert_eq!(code, StatusCode::OK);
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["leader"], "a");
+        assert_eq!(v["backends"][0]["role"], "primary");
+        assert_eq!(v["backends"][0]["timeline"], 3);
+        assert_eq!(v["backends"][0]["system_identifier"], u64::MAX.to_string());
+        assert_eq!(v["config_generation"], 1);
+    }
+
+    #[test]
+    fn unknown_paths_and_methods() {
+        let s = state_with(RoutingTable::initial());
+        assert_eq!(body(route(&s, &Method::GET, "/nope")).0, StatusCode::NOT_FOUND);
+        assert_eq!(body(route(&s, &Method::DELETE, "/status")).0, StatusCode::METHOD_NOT_ALLOWED);
+        let (code, text) = body(route(&s, &Method::GET, "/metrics"));
+        assert_eq!(code, StatusCode::OK);
+        assert!(text.contains("pgleader_split_brain 0"));
+    }
+}

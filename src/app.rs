@@ -1,0 +1,423 @@
+//! The composition root: builds every task from a [`Config`], wires their channels, and runs the
+//! drain and reload sequences. `main` and the integration tests share [`start`].
+//!
+//! Startup: bind the proxy and admin listeners first (fail fast), then spawn one health checker per
+//! backend, the elector, the admin server and the accept loop.
+//!
+//! Drain ([`Running::begin_shutdown`], SIGTERM/SIGINT):
+//! 1. mark not ready: `/readyz` answers 503;
+//! 2. stop accepting: the accept loop ends and the listener is dropped;
+//! 3. wait for open sessions up to `shutdown_grace`;
+//! 4. then close the remaining sessions;
+//! 5. stop health checkers, the elector and the admin server last, so `/metrics` stays
+//!    scrapeable during the drain.
+//!
+//! Reload ([`Running::reload`], SIGHUP): the new config is diffed against the running one.
+//! Backends, `[health]` and the `[proxy]` timeouts and limit apply at once; a backend keeps its
+//! identity (and its sessions) while its name and address stay the same. Listen addresses and
+//! `[log]` need a restart: they are logged and ignored. An invalid file changes nothing.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::{Admin, AdminState};
+use crate::config::{Config, ConfigDiff};
+use crate::elector::{Elector, Member, Reconfigure};
+use crate::health::{CheckSettings, Checker};
+use crate::metrics::Metrics;
+use crate::proxy::{Proxy, ProxySettings, Shared};
+use crate::signals::{SignalEvent, Signals};
+use crate::topology::{BackendId, Policy, Report, RoutingTable};
+
+/// A running pgleader. Dropping it does not stop it; call [`Running::shutdown`].
+pub struct Running {
+    /// The address the proxy listener bound (useful with port 0).
+    pub proxy_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    draining: CancellationToken,
+    reload_tx: mpsc::Sender<(Config, oneshot::Sender<Result<ConfigDiff, String>>)>,
+    metrics: Arc<Metrics>,
+    supervisor: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// Starts the drain (see the module docs); returns at once.
+    pub fn begin_shutdown(&self) {
+        self.draining.cancel();
+    }
+
+    /// Waits until pgleader has stopped, by drain or by a fatal task failure.
+    ///
+    /// # Errors
+    /// A background task ended unexpectedly.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.supervisor.await.context("join the supervisor task")?
+    }
+
+    /// Drains and waits.
+    ///
+    /// # Errors
+    /// As [`Running::wait`].
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.begin_shutdown();
+        self.wait().await
+    }
+
+    /// Reads, validates and applies a config file; counts the result either way.
+    ///
+    /// # Errors
+    /// The file is invalid or cannot be applied; the running config is untouched.
+    pub async fn reload_file(&self, path: &std::path::Path) -> Result<ConfigDiff, String> {
+        match Config::load(path) {
+            Ok(config) => self.reload(config).await,
+            Err(e) => {
+                self.metrics.config_reloads.with_label_values(&["error"]).inc();
+                Err(e.to_string())
+            }
+        }
+    }
+
+    /// Applies a new, already validated config; returns what changed.
+    ///
+    /// # Errors
+    /// pgleader is stopping, or the config could not be applied (the old one keeps running).
+    pub async fn reload(&self, config: Config) -> Result<ConfigDiff, String> {
+        let (tx, rx) = oneshot::channel();
+        self.reload_tx.send((config, tx)).await.map_err(|_| "pgleader is shutting down".to_owned())?;
+        rx.await.map_err(|_| "pgleader is shutting down".to_owned())?
+    }
+}
+
+/// Binds, spawns everything, and returns at once.
+///
+/// # Errors
+/// A listener cannot be bound, or the health-check password cannot be read.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    let listener = TcpListener::bind(config.proxy.listen)
+        .await
+        .with_context(|| format!("bind proxy listener {}", config.proxy.listen))?;
+    let admin_listener = TcpListener::bind(config.admin.listen)
+        .await
+        .with_context(|| format!("bind admin listener {}", config.admin.listen))?;
+    let proxy_addr = listener.local_addr().context("read proxy listener address")?;
+    let admin_addr = admin_listener.local_addr().context("read admin listener address")?;
+    let password = config.health_password().map_err(anyhow::Error::msg).context("read the health-check password")?;
+
+    let names: Vec<String> = config.backend.iter().map(|b| b.name.clone()).collect();
+    let metrics = Arc::new(Metrics::new(&names));
+    let (table_tx, table_rx) = watch::channel(Arc::new(RoutingTable::initial()));
+    let (reports_tx, reports_rx) = mpsc::channel::<Report>(1024);
+    let (reconfigure_tx, reconfigure_rx) = mpsc::channel(4);
+    let (settings_tx, settings_rx) = watch::channel(Arc::new(proxy_settings(&config)));
+    let (reload_tx, reload_rx) = mpsc::channel(4);
+    let draining = CancellationToken::new();
+    let background = CancellationToken::new();
+    let hard_stop = CancellationToken::new();
+    let limit = Arc::new(Semaphore::new(config.proxy.max_connections));
+    let config_generation = Arc::new(AtomicU64::new(1));
+
+    let mut sup = Supervisor {
+        config: config.clone(),
+        password,
+        members: Vec::new(),
+        next_id: 0,
+        checkers: Vec::new(),
+        tasks: JoinSet::new(),
+        reports_tx: reports_tx.clone(),
+        table_rx: table_rx.clone(),
+        reconfigure_tx,
+        settings_tx,
+        limit: Arc::clone(&limit),
+        current_max: config.proxy.max_connections,
+        metrics: Arc::clone(&metrics),
+        background: background.clone(),
+        config_generation: Arc::clone(&config_generation),
+    };
+    sup.members = config.backend.iter().map(|b| sup.new_member(&b.name, &b.address.to_string())).collect();
+    for m in sup.members.clone() {
+        sup.spawn_checker(&m);
+    }
+    let elector = Elector {
+        members: sup.members.clone(),
+        policy: policy(&config),
+        reports: reports_rx,
+        reconfigure: reconfigure_rx,
+        table_tx,
+        metrics: Arc::clone(&metrics),
+        cancel: background.clone(),
+    };
+    sup.tasks.spawn(async move {
+        elector.run().await;
+        "elector"
+    });
+    let admin = Admin {
+        listener: admin_listener,
+        state: Arc::new(AdminState {
+            routing: table_rx.clone(),
+            metrics: Arc::clone(&metrics),
+            draining: draining.clone(),
+            config_generation,
+        }),
+        stop: background.clone(),
+    };
+    sup.tasks.spawn(async move {
+        admin.run().await;
+        "admin server"
+    });
+    let tracker = TaskTracker::new();
+    let proxy = Proxy {
+        listener,
+        shared: Arc::new(Shared { routing: table_rx, settings: settings_rx, reports: reports_tx, metrics, hard_stop: hard_stop.clone() }),
+        limit,
+        stop_accepting: draining.clone(),
+        tracker: tracker.clone(),
+    };
+    let accept_loop = tokio::spawn(proxy.run());
+    tracing::info!(proxy = %proxy_addr, admin = %admin_addr, backends = ?names, "pgleader started");
+
+    let drain = Drain { draining: draining.clone(), hard_stop, tracker, accept_loop };
+    let sup_metrics = Arc::clone(&sup.metrics);
+    let supervisor = tokio::spawn(sup.run(drain, reload_rx));
+    Ok(Running { proxy_addr, admin_addr, draining, reload_tx, metrics: sup_metrics, supervisor })
+}
+
+/// Runs pgleader until SIGTERM/SIGINT, reloading `config_path` on SIGHUP. Used by `main`.
+///
+/// # Errors
+/// Startup failed, or a background task ended unexpectedly.
+pub async fn run_with_signals(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
+    let mut signals = Signals::install().context("install signal handlers")?;
+    let running = start(config).await?;
+    loop {
+        tokio::select! {
+            event = signals.recv() => match event {
+                SignalEvent::Shutdown(name) => {
+                    tracing::info!(signal = name, "draining: not ready, no new clients, sessions may finish");
+                    running.begin_shutdown();
+                    break;
+                }
+                SignalEvent::Reload => match running.reload_file(&config_path).await {
+                    Ok(diff) => tracing::info!(changed = ?diff.hot, "configuration reloaded"),
+                    Err(e) => tracing::error!(error = %e, "reload rejected; the previous configuration stays"),
+                },
+            },
+            () = running.draining.cancelled() => break,
+        }
+    }
+    let mut wait = std::pin::pin!(running.wait());
+    loop {
+        tokio::select! {
+            r = &mut wait => return r,
+            event = signals.recv() => if let SignalEvent::Shutdown(name) = event {
+                anyhow::bail!("{name} received again during the drain: exiting at once");
+            },
+        }
+    }
+}
+
+fn proxy_settings(config: &Config) -> ProxySettings {
+    ProxySettings {
+        leader_wait_timeout: config.proxy.leader_wait_timeout,
+        connect_timeout: config.proxy.connect_timeout,
+        client_hello_timeout: config.proxy.client_hello_timeout,
+    }
+}
+
+fn policy(config: &Config) -> Policy {
+    let h = &config.health;
+    // A checker reports at least every interval + timeout; allow a few missed beats.
+    let stale_after = (h.interval + h.timeout) * (h.fall + 2);
+    Policy { rise: h.rise, fall: h.fall, stale_after }
+}
+
+/// The drain's handles.
+struct Drain {
+    draining: CancellationToken,
+    /// Cancelled when the grace period ends: sessions close.
+    hard_stop: CancellationToken,
+    tracker: TaskTracker,
+    accept_loop: tokio::task::JoinHandle<()>,
+}
+
+/// Owns the background tasks, applies reloads, and runs the drain.
+struct Supervisor {
+    config: Config,
+    password: Option<crate::config::Secret>,
+    members: Vec<Member>,
+    next_id: u32,
+    /// One stop token per running checker, by backend.
+    checkers: Vec<(BackendId, CancellationToken)>,
+    tasks: JoinSet<&'static str>,
+    reports_tx: mpsc::Sender<Report>,
+    table_rx: watch::Receiver<Arc<RoutingTable>>,
+    reconfigure_tx: mpsc::Sender<Reconfigure>,
+    settings_tx: watch::Sender<Arc<ProxySettings>>,
+    limit: Arc<Semaphore>,
+    /// The size `limit` was last set to.
+    current_max: usize,
+    metrics: Arc<Metrics>,
+    /// Stops checkers, the elector and the admin server: the drain's last step.
+    background: CancellationToken,
+    config_generation: Arc<AtomicU64>,
+}
+
+impl Supervisor {
+    fn new_member(&mut self, name: &str, address: &str) -> Member {
+        let id = BackendId(self.next_id);
+        self.next_id += 1;
+        Member { id, name: name.to_owned(), address: address.to_owned(), recheck: Arc::new(Notify::new()) }
+    }
+
+    fn spawn_checker(&mut self, member: &Member) {
+        let Some(backend) = self.config.backend.iter().find(|b| b.name == member.name) else { return };
+        let h = &self.config.health;
+        let cancel = self.background.child_token();
+        let checker = Checker {
+            id: member.id,
+            settings: CheckSettings {
+                name: member.name.clone(),
+                address: backend.address.clone(),
+                user: h.user.clone(),
+                database: h.database.clone(),
+                password: self.password.clone(),
+                interval: h.interval,
+                fast_interval: h.fast_interval,
+                timeout: h.timeout,
+            },
+            reports: self.reports_tx.clone(),
+            routing: self.table_rx.clone(),
+            recheck: Arc::clone(&member.recheck),
+            metrics: Arc::clone(&self.metrics),
+            cancel: cancel.clone(),
+        };
+        self.checkers.push((member.id, cancel));
+        // Checkers are not in `tasks`: a reload stops them on purpose.
+        tokio::spawn(checker.run());
+    }
+
+    async fn run(
+        mut self,
+        drain: Drain,
+        mut reload_rx: mpsc::Receiver<(Config, oneshot::Sender<Result<ConfigDiff, String>>)>,
+    ) -> anyhow::Result<()> {
+        let mut failure = None;
+        loop {
+            tokio::select! {
+                () = drain.draining.cancelled() => break,
+                Some(ended) = self.tasks.join_next() => {
+                    let what = match ended { Ok(name) => format!("{name} stopped"), Err(e) => format!("a task failed: {e}") };
+                    tracing::error!(what, "internal failure; shutting down so the orchestrator restarts pgleader");
+                    failure = Some(what);
+                    drain.draining.cancel();
+                    break;
+                }
+                Some((config, reply)) = reload_rx.recv() => {
+                    let result = self.apply(config);
+                    let label = if result.is_ok() { "ok" } else { "error" };
+                    self.metrics.config_reloads.with_label_values(&[label]).inc();
+                    let _ = reply.send(result);
+                }
+            }
+        }
+        // Steps 2-4 (step 1 is the cancelled `draining` token itself).
+        let _ = drain.accept_loop.await;
+        drain.tracker.close();
+        let grace = self.config.proxy.shutdown_grace;
+        if tokio::time::timeout(grace, drain.tracker.wait()).await.is_err() {
+            tracing::warn!(open = drain.tracker.len(), ?grace, "shutdown grace period over: closing the remaining sessions");
+            drain.hard_stop.cancel();
+            drain.tracker.wait().await;
+        }
+        // Step 5.
+        self.background.cancel();
+        while self.tasks.join_next().await.is_some() {}
+        tracing::info!("pgleader stopped");
+        match failure {
+            Some(what) => anyhow::bail!("internal failure: {what}"),
+            None => Ok(()),
+        }
+    }
+
+    /// Applies a validated config (see the module docs).
+    fn apply(&mut self, new: Config) -> Result<ConfigDiff, String> {
+        let password = new.health_password()?;
+        let diff = self.config.diff(&new);
+        for key in &diff.restart_required {
+            tracing::warn!(key, "changed in the config file but needs a restart; keeping the running value");
+        }
+        let mut applied = new.clone();
+        applied.proxy.listen = self.config.proxy.listen;
+        applied.admin.listen = self.config.admin.listen;
+        applied.log = self.config.log.clone();
+        let health_changed = self.config.health != applied.health || self.password != password;
+        self.config = applied;
+        self.password = password;
+
+        // Backends keep their id while name and address are unchanged.
+        let mut members = Vec::new();
+        for b in &self.config.backend.clone() {
+            let address = b.address.to_string();
+            let kept = self.members.iter().find(|m| m.name == b.name && m.address == address).cloned();
+            members.push(kept.unwrap_or_else(|| self.new_member(&b.name, &address)));
+        }
+        let removed: Vec<Member> = self.members.iter().filter(|m| !members.iter().any(|n| n.id == m.id)).cloned().collect();
+        for m in &removed {
+            if !members.iter().any(|n| n.name == m.name) {
+                self.metrics.remove_backend(&m.name);
+            }
+        }
+        let mut restart: Vec<Member> = members.iter().filter(|m| !self.members.iter().any(|o| o.id == m.id)).cloned().collect();
+        if health_changed {
+            restart = members.clone();
+        }
+        let stopping: Vec<BackendId> = removed.iter().map(|m| m.id).chain(restart.iter().map(|m| m.id)).collect();
+        self.checkers.retain(|(id, token)| {
+            let stop = stopping.contains(id);
+            if stop {
+                token.cancel();
+            }
+            !stop
+        });
+        self.metrics.add_backends(&members.iter().map(|m| m.name.clone()).collect::<Vec<_>>());
+        self.members = members.clone();
+        for m in &restart {
+            self.spawn_checker(m);
+        }
+        let _ = self.reconfigure_tx.try_send(Reconfigure { members, policy: policy(&self.config) });
+
+        self.settings_tx.send_replace(Arc::new(proxy_settings(&self.config)));
+        self.resize_limit(self.config.proxy.max_connections);
+        self.config_generation.fetch_add(1, Ordering::Relaxed);
+        Ok(diff)
+    }
+
+    /// Adjusts the semaphore to a new `max_connections` without touching held permits.
+    fn resize_limit(&mut self, new_max: usize) {
+        let old_max = self.current_max;
+        if new_max > old_max {
+            self.limit.add_permits(new_max - old_max);
+        } else if new_max < old_max {
+            let removed = self.limit.forget_permits(old_max - new_max);
+            if removed < old_max - new_max {
+                // Permits still held by open sessions: take them back as they are released.
+                let limit = Arc::clone(&self.limit);
+                let owed = (old_max - new_max - removed) as u32;
+                tokio::spawn(async move {
+                    if let Ok(p) = limit.acquire_many(owed).await {
+                        p.forget();
+                    }
+                });
+            }
+        }
+        self.current_max = new_max;
+    }
+}

@@ -1,0 +1,265 @@
+//! One health checker task per backend: a persistent tokio-postgres connection that runs the
+//! probe every `interval` (`fast_interval` while there is no leader) under `timeout`, and reports
+//! each result to the elector as a [`Report`]. It never decides anything: hysteresis and the leader
+//! rules live in `topology`.
+//!
+//! What each outcome reports (DESIGN.md rule 2):
+//! - the probe answered: [`Observation::Checked`];
+//! - connecting or the probe failed or timed out: [`Observation::Failed`] (counts toward `fall`);
+//!   a timed-out connection is dropped, since a hung server would queue the next probe behind it;
+//! - the connection ended by itself (EOF, reset, the server terminating us):
+//!   [`Observation::Lost`] at once, then an immediate re-check (a reconnect).
+//!
+//! Connect failures back off from `fast_interval` doubling up to the check interval; while there is
+//! no leader the check interval *is* `fast_interval`, so a promotion is seen within ~100 ms.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::task::JoinHandle;
+use tokio::time::{sleep, timeout, Instant};
+use tokio_postgres::{Client, NoTls, Statement};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{HostPort, Secret};
+use crate::metrics::Metrics;
+use crate::topology::{BackendId, Observation, Probe, Report, RoutingTable};
+
+/// The probe. `pg_is_in_recovery()` is read once (the subquery with a volatile function is not
+/// flattened), so the timeline column cannot disagree with it; `pg_walfile_name` raises an error
+/// on a standby, hence the CASE. The timeline is the first 8 hex digits of the current WAL file
+/// name (DESIGN.md rule 6): `pg_control_checkpoint()` lags a promotion until the next checkpoint.
+const PROBE_SQL: &str = "SELECT r, CASE WHEN r THEN NULL ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END \
+                         FROM (SELECT pg_is_in_recovery() AS r) AS s";
+/// Read once per connection: timelines are comparable only within one system.
+const SYSTEM_ID_SQL: &str = "SELECT system_identifier FROM pg_control_system()";
+
+/// What one checker needs to know, taken from `[health]` and its `[[backend]]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckSettings {
+    pub name: String,
+    pub address: HostPort,
+    pub user: String,
+    pub database: String,
+    pub password: Option<Secret>,
+    pub interval: Duration,
+    pub fast_interval: Duration,
+    pub timeout: Duration,
+}
+
+/// A checker task for one backend.
+pub struct Checker {
+    pub id: BackendId,
+    pub settings: CheckSettings,
+    /// To the elector; closing it (elector gone) ends the checker.
+    pub reports: mpsc::Sender<Report>,
+    /// Read to pick the interval: fast while there is no leader.
+    pub routing: watch::Receiver<Arc<RoutingTable>>,
+    /// Poked (by the elector) when a client could not be connected: check now.
+    pub recheck: Arc<Notify>,
+    pub metrics: Arc<Metrics>,
+    /// Stops the checker (shutdown, or the backend removed by a reload).
+    pub cancel: CancellationToken,
+}
+
+/// A live health connection.
+struct Session {
+    client: Client,
+    probe: Statement,
+    system_id: Option<u64>,
+    /// The tokio-postgres connection future; it completes when the connection is gone.
+    conn: JoinHandle<Result<(), tokio_postgres::Error>>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.conn.abort();
+    }
+}
+
+/// The result of one check attempt.
+enum Outcome {
+    Probe(Probe),
+    Failed(String),
+    Lost(String),
+}
+
+impl Checker {
+    /// Runs until cancelled or the elector goes away. Cancel safe.
+    pub async fn run(mut self) {
+        let mut session: Option<Session> = None;
+        let mut connect_failures: u32 = 0;
+        loop {
+            let started = Instant::now();
+            let outcome = match timeout(self.settings.timeout, self.check(&mut session)).await {
+                Ok(outcome) => outcome,
+                Err(_) => {
+                    session = None;
+                    Outcome::Failed(format!("health check timed out after {:?}", self.settings.timeout))
+                }
+            };
+            let recheck_now = matches!(outcome, Outcome::Lost(_));
+            connect_failures = if session.is_some() { 0 } else { connect_failures.saturating_add(1) };
+            if !self.report(outcome, started).await {
+                return;
+            }
+            if recheck_now {
+                continue;
+            }
+            let delay = self.next_delay(connect_failures);
+            let has_leader = self.has_leader();
+            let lost = tokio::select! {
+                () = self.cancel.cancelled() => return,
+                () = sleep(delay) => None,
+                () = self.recheck.notified() => None,
+                lost = wait_lost(&mut session) => Some(lost),
+                // A leader just disappeared: switch to fast checks at once.
+                Ok(_) = self.routing.wait_for(|t| t.leader.is_none()), if has_leader => None,
+            };
+            if let Some(lost) = lost {
+                session = None;
+                if !self.report(Outcome::Lost(lost), Instant::now()).await {
+                    return;
+                }
+            }
+        }
+    }
+
+    fn has_leader(&self) -> bool {
+        self.routing.borrow().leader.is_some()
+    }
+
+    /// The pause before the next check: the interval, fast while there is no leader, and a
+    /// backoff from `fast_interval` for repeated connect failures.
+    fn next_delay(&self, connect_failures: u32) -> Duration {
+        let s = &self.settings;
+        let interval = if self.has_leader() { s.interval } else { s.fast_interval.min(s.interval) };
+        if connect_failures == 0 {
+            return interval;
+        }
+        let backoff = s.fast_interval.saturating_mul(1 << connect_failures.min(16).saturating_sub(1));
+        backoff.min(interval)
+    }
+
+    /// One check: connect if needed, then probe. Not cancel safe as to the session (a cancelled
+    /// check leaves `session` as it was; the caller drops it on timeout).
+    async fn check(&self, session: &mut Option<Session>) -> Outcome {
+        if session.is_none() {
+            match self.connect().await {
+                Ok(s) => {
+                    tracing::info!(backend = %self.settings.name, system_id = ?s.system_id, "health connection established");
+                    *session = Some(s);
+                }
+                Err(e) => return Outcome::Failed(format!("cannot connect for health check: {}", describe(&e))),
+            }
+        }
+        let Some(s) = session.as_ref() else { return Outcome::Failed("no health connection".to_owned()) };
+        match s.client.query_one(&s.probe, &[]).await {
+            Ok(row) => {
+                let parsed = row
+                    .try_get::<_, bool>(0)
+                    .and_then(|r| Ok((r, row.try_get::<_, Option<String>>(1)?)));
+                match parsed {
+                    Ok((true, _)) => Outcome::Probe(Probe { in_recovery: true, timeline: None, system_id: s.system_id }),
+                    Ok((false, Some(hex))) => match u32::from_str_radix(&hex, 16) {
+                        Ok(tl) => Outcome::Probe(Probe { in_recovery: false, timeline: Some(tl), system_id: s.system_id }),
+                        Err(_) => Outcome::Failed(format!("unexpected timeline `{hex}` from the probe")),
+                    },
+                    Ok((false, None)) => Outcome::Failed("the probe returned no timeline for a primary".to_owned()),
+                    Err(e) => Outcome::Failed(format!("unexpected probe result: {e}")),
+                }
+            }
+            Err(e) if s.client.is_closed() || e.is_closed() => {
+                *session = None;
+                Outcome::Lost(format!("health connection lost: {}", describe(&e)))
+            }
+            Err(e) => {
+                *session = None;
+                Outcome::Failed(format!("health check query failed: {}", describe(&e)))
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<Session, tokio_postgres::Error> {
+        let s = &self.settings;
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host(&s.address.host)
+            .port(s.address.port)
+            .user(&s.user)
+            .dbname(&s.database)
+            .application_name("pgleader-health")
+            .connect_timeout(s.timeout)
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(5))
+            .tcp_user_timeout(s.timeout.max(Duration::from_secs(1)) * 3);
+        if let Some(p) = &s.password {
+            cfg.password(p.expose());
+        }
+        let (client, connection) = cfg.connect(NoTls).await?;
+        let conn = tokio::spawn(connection);
+        let probe = client.prepare(PROBE_SQL).await?;
+        let system_id = match client.query_one(SYSTEM_ID_SQL, &[]).await {
+            Ok(row) => row.try_get::<_, i64>(0).ok().map(|v| v as u64),
+            Err(e) => {
+                // Without it two primaries cannot be compared, so the decision fails closed.
+                tracing::warn!(backend = %s.name, error = %describe(&e),
+                    "cannot read the system identifier; grant pg_monitor to the health-check user");
+                None
+            }
+        };
+        Ok(Session { client, probe, system_id, conn })
+    }
+
+    /// Sends one observation; `false` when the elector is gone.
+    async fn report(&self, outcome: Outcome, started: Instant) -> bool {
+        let name = self.settings.name.as_str();
+        let (observation, result) = match outcome {
+            Outcome::Probe(p) => {
+                self.metrics.health_check_duration.with_label_values(&[name]).observe(started.elapsed().as_secs_f64());
+                (Observation::Checked(p), "ok")
+            }
+            Outcome::Failed(error) => {
+                tracing::debug!(backend = name, %error, "health check failed");
+                (Observation::Failed { error }, "failed")
+            }
+            Outcome::Lost(error) => {
+                tracing::warn!(backend = name, %error, "health connection lost; holding new sessions and re-checking");
+                (Observation::Lost { error }, "lost")
+            }
+        };
+        self.metrics.health_checks.with_label_values(&[name, result]).inc();
+        let report = Report { backend: self.id, observation, at: Instant::now().into_std() };
+        self.reports.send(report).await.is_ok()
+    }
+}
+
+/// Completes when the session's connection ends; pending forever without a session.
+async fn wait_lost(session: &mut Option<Session>) -> String {
+    match session {
+        Some(s) => match (&mut s.conn).await {
+            Ok(Ok(())) => "the server closed the health connection".to_owned(),
+            Ok(Err(e)) => describe(&e),
+            Err(e) => format!("health connection task ended: {e}"),
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// An error with its database message, if any, without the password or other secrets (the
+/// tokio-postgres errors carry no connection parameters).
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} {}: {}", db.severity(), db.code().code(), db.message()),
+        None => {
+            let mut msg = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(s) = source {
+                msg.push_str(": ");
+                msg.push_str(&s.to_string());
+                source = s.source();
+            }
+            msg
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! Prometheus metrics: one owned [`Registry`] (not the process-global default) and typed handles,
+//! built once by `app` and shared as `Arc<Metrics>`.
+//!
+//! Labels come only from closed sets: configured backend names and the fixed enums below, never
+//! from client input. Per-backend and per-result series are pre-initialised so dashboards have no
+//! gaps. This module must not depend on any other module of the crate.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// How a client connection ended: the `result` label of `pgleader_sessions_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionResult {
+    /// Spliced to the leader and closed by either side.
+    Ok,
+    /// Closed by pgleader because its backend stopped being the leader (DESIGN rule 3).
+    Cut,
+    /// No leader within `leader_wait_timeout`: 57P03.
+    NoLeader,
+    /// Over `max_connections`: 53300.
+    RefusedLimit,
+    /// Not a PostgreSQL first packet: 08P01 / 0A000.
+    RefusedProtocol,
+    /// No first packet within `client_hello_timeout`.
+    ClientTimeout,
+    /// The backend failed after the splice began.
+    BackendError,
+    /// The client failed (reset, closed before startup) outside a clean close.
+    ClientError,
+    /// Closed by the end of the shutdown grace period.
+    Shutdown,
+    /// A CancelRequest forwarded to the leader.
+    CancelForwarded,
+}
+
+impl SessionResult {
+    pub const ALL: [SessionResult; 10] = [
+        SessionResult::Ok,
+        SessionResult::Cut,
+        SessionResult::NoLeader,
+        SessionResult::RefusedLimit,
+        SessionResult::RefusedProtocol,
+        SessionResult::ClientTimeout,
+        SessionResult::BackendError,
+        SessionResult::ClientError,
+        SessionResult::Shutdown,
+        SessionResult::CancelForwarded,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionResult::Ok => "ok",
+            SessionResult::Cut => "cut",
+            SessionResult::NoLeader => "no_leader",
+            SessionResult::RefusedLimit => "refused_limit",
+            SessionResult::RefusedProtocol => "refused_protocol",
+            SessionResult::ClientTimeout => "client_timeout",
+            SessionResult::BackendError => "backend_error",
+            SessionResult::ClientError => "client_error",
+            SessionResult::Shutdown => "shutdown",
+            SessionResult::CancelForwarded => "cancel_forwarded",
+        }
+    }
+}
+
+/// The `result` label of `pgleader_health_checks_total`.
+pub const CHECK_RESULTS: [&str; 3] = ["ok", "failed", "lost"];
+/// Roles, as `topology::Role::as_str` spells them (this module may not import topology).
+pub const ROLES: [&str; 4] = ["unknown", "primary", "replica", "down"];
+
+/// Every metric pgleader exports.
+pub struct Metrics {
+    registry: Registry,
+    pub backend_up: IntGaugeVec,
+    pub backend_role: IntGaugeVec,
+    pub leader: IntGaugeVec,
+    pub leader_changes: IntCounter,
+    pub split_brain: IntGauge,
+    pub clients_waiting: IntGauge,
+    pub sessions_active: IntGaugeVec,
+    pub sessions: IntCounterVec,
+    /// Pre-resolved children of `pgleader_session_bytes_total`, so the byte pump does no lookup.
+    pub bytes_client_to_backend: IntCounter,
+    pub bytes_backend_to_client: IntCounter,
+    pub health_checks: IntCounterVec,
+    pub health_check_duration: HistogramVec,
+    pub leader_wait: Histogram,
+    pub config_reloads: IntCounterVec,
+}
+
+impl Metrics {
+    /// Registers every metric and pre-initialises the series of `backends`.
+    pub fn new(backends: &[String]) -> Metrics {
+        let bytes = IntCounterVec::new(
+            Opts::new("pgleader_session_bytes_total", "Bytes spliced, by direction"),
+            &["direction"],
+        )
+        .expect("valid metric");
+        let build_info = gauge_vec("pgleader_build_info", "Always 1; the version label is pgleader's", &["version"]);
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let m = Metrics {
+            registry: Registry::new(),
+            backend_up: gauge_vec("pgleader_backend_up", "1 if the backend's latest health check succeeded", &["backend"]),
+            backend_role: gauge_vec(
+                "pgleader_backend_role",
+                "1 for the backend's current role (unknown, primary, replica, down)",
+                &["backend", "role"],
+            ),
+            leader: gauge_vec("pgleader_leader", "1 for the backend new sessions are routed to", &["backend"]),
+            leader_changes: IntCounter::new("pgleader_leader_changes_total", "Times the routed leader changed")
+                .expect("valid metric"),
+            split_brain: IntGauge::new(
+                "pgleader_split_brain",
+                "1 while several primaries are routable and none is strictly newer (no leader)",
+            )
+            .expect("valid metric"),
+            clients_waiting: IntGauge::new("pgleader_clients_waiting", "Clients waiting for a leader")
+                .expect("valid metric"),
+            sessions_active: gauge_vec("pgleader_sessions_active", "Client sessions spliced to a backend", &["backend"]),
+            sessions: IntCounterVec::new(
+                Opts::new("pgleader_sessions_total", "Client connections by how they ended"),
+                &["result"],
+            )
+            .expect("valid metric"),
+            bytes_client_to_backend: bytes.with_label_values(&["client_to_backend"]),
+            bytes_backend_to_client: bytes.with_label_values(&["backend_to_client"]),
+            health_checks: IntCounterVec::new(
+                Opts::new("pgleader_health_checks_total", "Health checks by result (ok, failed, lost)"),
+                &["backend", "result"],
+            )
+            .expect("valid metric"),
+            health_check_duration: HistogramVec::new(
+                HistogramOpts::new("pgleader_health_check_duration_seconds", "Duration of successful health checks")
+                    .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]),
+                &["backend"],
+            )
+            .expect("valid metric"),
+            leader_wait: Histogram::with_opts(
+                HistogramOpts::new("pgleader_leader_wait_seconds", "Time new clients waited for a leader")
+                    .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+            )
+            .expect("valid metric"),
+            config_reloads: IntCounterVec::new(
+                Opts::new("pgleader_config_reloads_total", "Configuration reloads by result (ok, error)"),
+                &["result"],
+            )
+            .expect("valid metric"),
+        };
+        let collectors: [Box<dyn prometheus::core::Collector>; 14] = [
+            Box::new(m.backend_up.clone()),
+            Box::new(m.backend_role.clone()),
+            Box::new(m.leader.clone()),
+            Box::new(m.leader_changes.clone()),
+            Box::new(m.split_brain.clone()),
+            Box::new(m.clients_waiting.clone()),
+            Box::new(m.sessions_active.clone()),
+            Box::new(m.sessions.clone()),
+            Box::new(bytes),
+            Box::new(m.health_checks.clone()),
+            Box::new(m.health_check_duration.clone()),
+            Box::new(m.leader_wait.clone()),
+            Box::new(m.config_reloads.clone()),
+            Box::new(build_info),
+        ];
+        for c in collectors {
+            m.registry.register(c).expect("metric names are unique");
+        }
+        for r in SessionResult::ALL {
+            m.sessions.with_label_values(&[r.as_str()]);
+        }
+        for r in ["ok", "error"] {
+            m.config_reloads.with_label_values(&[r]);
+        }
+        m.add_backends(backends);
+        m
+    }
+
+    /// Pre-initialises the series of newly configured backends.
+    pub fn add_backends(&self, backends: &[String]) {
+        for b in backends {
+            self.backend_up.with_label_values(&[b]);
+            self.leader.with_label_values(&[b]);
+            self.sessions_active.with_label_values(&[b]);
+            self.health_check_duration.with_label_values(&[b]);
+            for role in ROLES {
+                self.backend_role.with_label_values(&[b, role]);
+            }
+            for r in CHECK_RESULTS {
+                self.health_checks.with_label_values(&[b, r]);
+            }
+        }
+    }
+
+    /// Drops the series of a backend removed from the config.
+    pub fn remove_backend(&self, backend: &str) {
+        let _ = self.backend_up.remove_label_values(&[backend]);
+        let _ = self.leader.remove_label_values(&[backend]);
+        let _ = self.sessions_active.remove_label_values(&[backend]);
+        let _ = self.health_check_duration.remove_label_values(&[backend]);
+        for role in ROLES {
+            let _ = self.backend_role.remove_label_values(&[backend, role]);
+        }
+        for r in CHECK_RESULTS {
+            let _ = self.health_checks.remove_label_values(&[backend, r]);
+        }
+    }
+
+    /// Counts one finished client connection.
+    pub fn session_ended(&self, result: SessionResult) {
+        self.sessions.with_label_values(&[result.as_str()]).inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8 * 1024);
+        // Encoding into a Vec cannot fail for I/O reasons; a failure would be a registry bug.
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            out.extend_from_slice(format!("# encode error: {e}\n").as_bytes());
+        }
+        out
+    }
+}
+
+fn gauge_vec(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_are_preinitialised_and_encoded() {
+        let m = Metrics::new(&["a".to_owned()]);
+        m.bytes_client_to_backend.inc_by(5);
+        m.session_ended(SessionResult::Cut);
+        let text = String::from_utf8(m.encode()).unwrap();
+        for line in [
+            "pgleader_backend_up{backend=\"a\"} 0",
+            "pgleader_backend_role{backend=\"a\",role=\"down\"} 0",
+            "pgleader_sessions_total{result=\"cut\"} 1",
+            "pgleader_sessions_total{result=\"no_leader\"} 0",
+            "pgleader_session_bytes_total{direction=\"client_to_backend\"} 5",
+            "pgleader_leader_wait_seconds_count 0",
+            "pgleader_split_brain 0",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+        m.remove_backend("a");
+        assert!(!String::from_utf8(m.encode()).unwrap().contains("backend=\"a\""));
+    }
+}
