@@ -328,7 +328,7 @@ impl RawConfig {
         if secrets.iter().filter(|s| **s).count() > 1 {
             problems.push("health: set at most one of password, password_env, password_file".to_owned());
         }
-        if p.listen == self.admin.listen {
+        if p.listen == self.admin.listen && p.listen.port() != 0 {
             problems.push(format!("admin.listen: {} is also proxy.listen", p.listen));
         }
         if let Some(filter) = &self.log.filter {

@@ -112,10 +112,18 @@ impl Proxy {
 async fn handle(shared: Arc<Shared>, client: TcpStream, permit: Option<OwnedSemaphorePermit>) {
     tune(&client);
     let settings = shared.settings.borrow().clone();
+    let hard_stop = shared.hard_stop.clone();
     let mut conn = Conn { client, routing: shared.routing.clone(), settings, shared };
-    let result = match permit {
-        Some(_permit) => conn.serve().await,
-        None => conn.refuse_over_limit().await,
+    let work = async {
+        match permit {
+            Some(_permit) => conn.serve().await,
+            None => conn.refuse_over_limit().await,
+        }
+    };
+    // The splice races `hard_stop` itself; this covers clients still in their startup phase.
+    let result = tokio::select! {
+        r = work => r,
+        () = hard_stop.cancelled() => Some(SessionResult::Shutdown),
     };
     if let Some(result) = result {
         tracing::debug!(result = result.as_str(), "connection closed");

@@ -1,0 +1,165 @@
+//! Leader changes on a real primary + streaming replica (no Patroni): promotion after a stop,
+//! promotion beside a running old primary (newer timeline wins, old sessions are cut), split
+//! brain, a frozen primary, and clients waiting through a leaderless gap.
+//! Every test that changes the topology owns its cluster.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::pg::{pg_bin, PgCluster, PgNode};
+use common::proxy::{connect_via, metric, status, wait_leader, ProxyBuilder};
+
+fn checks(status: &serde_json::Value, backend: usize) -> u64 {
+    status["backends"][backend]["checks_total"].as_u64().expect("checks_total")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_sessions_follow_a_promotion_after_the_primary_stops() {
+    let mut cluster = PgCluster::start();
+    let proxy = ProxyBuilder::new(&[&cluster.primary, &cluster.replica]).start().await;
+    wait_leader(proxy.admin_addr, Some("primary")).await;
+    let old = connect_via(proxy.proxy_addr, "postgres").await.unwrap();
+    old.batch_execute("CREATE TABLE t (id int)").await.unwrap();
+    cluster.primary.wait_for_catchup(&cluster.replica);
+
+    cluster.primary.stop();
+    wait_leader(proxy.admin_addr, None).await;
+    assert!(old.simple_query("SELECT 1").await.is_err(), "the stopped primary's session is gone");
+    cluster.replica.promote();
+    let promoted_at = Instant::now();
+    let before = checks(&status(proxy.admin_addr).await, 1);
+    let s = wait_leader(proxy.admin_addr, Some("replica")).await;
+    let detection = promoted_at.elapsed();
+    let taken = checks(&s, 1) - before;
+    eprintln!("failover detection: {detection:?} and {taken} check(s) after pg_ctl promote returned");
+    assert!(taken <= 4, "the promotion must be noticed within a couple of checks, took {taken}");
+    assert_eq!(s["backends"][1]["timeline"], 2);
+
+    let new = connect_via(proxy.proxy_addr, "postgres").await.expect("new sessions reach the new primary");
+    new.batch_execute("INSERT INTO t VALUES (1)").await.expect("writes succeed on the new primary");
+    let port: String = new.query_one("SELECT current_setting('port')", &[]).await.unwrap().get(0);
+    assert_eq!(port, cluster.replica.port().to_string());
+    assert!(metric(proxy.admin_addr, "pgleader_leader_changes_total").await.unwrap() >= 3.0);
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promoted_replica_takes_over_from_a_running_primary_and_old_sessions_are_cut() {
+    let cluster = PgCluster::start();
+    let proxy = ProxyBuilder::new(&[&cluster.primary, &cluster.replica]).start().await;
+    wait_leader(proxy.admin_addr, Some("primary")).await;
+    let old = connect_via(proxy.proxy_addr, "postgres").await.unwrap();
+    old.simple_query("SELECT 1").await.unwrap();
+
+    cluster.replica.promote();
+    let s = wait_leader(proxy.admin_addr, Some("replica")).await;
+    assert_eq!(s["reason"], "newest_timeline");
+    assert_eq!(s["backends"][0]["role"], "primary", "the old primary still runs and says so");
+    assert_eq!(s["backends"][0]["routable"], false);
+    common::eventually(Duration::from_secs(10), "old session cut", || async {
+        old.is_closed().then_some(())
+    })
+    .await;
+    assert!(old.simple_query("SELECT 1").await.is_err());
+    assert_eq!(metric(proxy.admin_addr, "pgleader_sessions_total{result=\"cut\"}").await, Some(1.0));
+    let new = connect_via(proxy.proxy_addr, "postgres").await.unwrap();
+    let port: String = new.query_one("SELECT current_setting('port')", &[]).await.unwrap().get(0);
+    assert_eq!(port, cluster.replica.port().to_string());
+    // Still running, the old primary is checked on and on and never routed to.
+    let before = checks(&status(proxy.admin_addr).await, 0);
+    common::eventually(Duration::from_secs(10), "more checks of the old primary", || async {
+        (checks(&status(proxy.admin_addr).await, 0) >= before + 3).then_some(())
+    })
+    .await;
+    assert_eq!(status(proxy.admin_addr).await["leader"], "replica");
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_independent_primaries_are_split_brain_and_refused() {
+    let a = PgNode::start_primary("a");
+    let b = PgNode::start_primary("b");
+    let proxy = ProxyBuilder::new(&[&a, &b]).proxy("leader_wait_timeout", "500ms").start().await;
+    let s = common::eventually(Duration::from_secs(20), "split brain", || async {
+        let s = status(proxy.admin_addr).await;
+        (s["split_brain"] == true).then_some(s)
+    })
+    .await;
+    assert_eq!(s["leader"], serde_json::Value::Null);
+    assert_eq!(s["reason"], "split_brain_different_systems");
+    assert_eq!(metric(proxy.admin_addr, "pgleader_split_brain").await, Some(1.0));
+    let err = connect_via(proxy.proxy_addr, "postgres").await.expect_err("no leader");
+    let db = err.as_db_error().expect("an ErrorResponse, not a reset");
+    assert_eq!(db.code().code(), "57P03");
+    assert!(db.message().contains("split brain"), "{}", db.message());
+    assert_eq!(metric(proxy.admin_addr, "pgleader_sessions_total{result=\"no_leader\"}").await, Some(1.0));
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_primary_is_marked_down_after_fall_failed_checks() {
+    let cluster = PgCluster::start();
+    let proxy = ProxyBuilder::new(&[&cluster.primary, &cluster.replica]).health("fall", "3").start().await;
+    wait_leader(proxy.admin_addr, Some("primary")).await;
+    let session = connect_via(proxy.proxy_addr, "postgres").await.unwrap();
+    let failures_before = status(proxy.admin_addr).await["backends"][0]["failures_total"].as_u64().unwrap();
+
+    cluster.primary.freeze();
+    let s = wait_leader(proxy.admin_addr, None).await;
+    // One failed check holds new sessions; the session stays until `fall`.
+    assert!(s["backends"][0]["consecutive_failures"].as_u64().unwrap() < 3 || s["backends"][0]["role"] == "down");
+    let s = common::eventually(Duration::from_secs(30), "frozen primary down", || async {
+        let s = status(proxy.admin_addr).await;
+        (s["backends"][0]["role"] == "down").then_some(s)
+    })
+    .await;
+    let failed = s["backends"][0]["failures_total"].as_u64().unwrap() - failures_before;
+    assert!(failed >= 3, "down only after fall failed checks, saw {failed}");
+    assert!(s["backends"][0]["last_error"].as_str().unwrap().contains("timed out"), "{}", s["backends"][0]);
+    assert_eq!(s["leader"], serde_json::Value::Null, "the replica was not promoted: no leader");
+    assert_eq!(s["backends"][1]["role"], "replica");
+    // The session on the frozen primary is cut at `fall`, so it cannot resume on a stale primary.
+    common::eventually(Duration::from_secs(10), "session cut", || async { session.is_closed().then_some(()) }).await;
+
+    cluster.primary.thaw();
+    wait_leader(proxy.admin_addr, Some("primary")).await;
+    connect_via(proxy.proxy_addr, "postgres").await.expect("routing resumes after the thaw");
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_leader_clients_wait_then_get_57p03_and_a_leader_that_appears_releases_them() {
+    let cluster = PgCluster::start();
+    // Only the replica is a backend: no leader.
+    let proxy = ProxyBuilder::new(&[&cluster.replica]).proxy("leader_wait_timeout", "1s").start().await;
+    common::eventually(Duration::from_secs(20), "replica checked", || async {
+        (status(proxy.admin_addr).await["backends"][0]["role"] == "replica").then_some(())
+    })
+    .await;
+    let conn = format!("host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=disable", proxy.proxy_addr.port());
+    let out = Command::new(pg_bin().join("psql")).args(["-X", "-d", &conn, "-c", "SELECT 1"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("pgleader: no leader available") && stderr.contains("no backend is a healthy primary"), "{stderr}");
+    assert!(metric(proxy.admin_addr, "pgleader_leader_wait_seconds_count").await.unwrap() >= 1.0);
+    let (code, body) = common::proxy::get(proxy.admin_addr, "/readyz").await;
+    assert_eq!(code, 503, "{body}");
+    proxy.shutdown().await.unwrap();
+
+    // With a longer wait, a client that arrives before the promotion connects after it.
+    let proxy = ProxyBuilder::new(&[&cluster.replica]).proxy("leader_wait_timeout", "60s").start().await;
+    let addr = proxy.proxy_addr;
+    let waiting = tokio::spawn(async move { connect_via(addr, "postgres").await });
+    common::eventually(Duration::from_secs(20), "client waiting", || async {
+        (metric(proxy.admin_addr, "pgleader_clients_waiting").await == Some(1.0)).then_some(())
+    })
+    .await;
+    cluster.replica.promote();
+    let client = waiting.await.unwrap().expect("the waiting client is released to the new leader");
+    let row = client.query_one("SELECT pg_is_in_recovery()", &[]).await.unwrap();
+    assert!(!row.get::<_, bool>(0));
+    assert_eq!(metric(proxy.admin_addr, "pgleader_clients_waiting").await, Some(0.0));
+    proxy.shutdown().await.unwrap();
+}
