@@ -1,0 +1,176 @@
+//! The `pgleader` binary as an operator runs it: `check-config` on the shipped and on broken
+//! files, and the SIGTERM drain of a real process in front of a real PostgreSQL.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::pg::PgNode;
+use common::proxy::{connect_via, get};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+const BIN: &str = env!("CARGO_BIN_EXE_pgleader");
+
+fn check_config(path: &Path) -> (i32, String, String) {
+    let out = Command::new(BIN).arg("check-config").arg("--config").arg(path).output().expect("run pgleader");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn write_temp(text: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    std::io::Write::write_all(&mut f, text.as_bytes()).unwrap();
+    f
+}
+
+#[test]
+fn every_shipped_config_passes_check_config() {
+    let mut seen = 0;
+    for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/config")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let (code, stdout, stderr) = check_config(&path);
+            assert_eq!(code, 0, "{}: {stderr}", path.display());
+            assert!(stdout.contains("[[backend]]"), "prints the effective config");
+            seen += 1;
+        }
+    }
+    assert!(seen >= 2, "config/pgleader.toml and config/local.toml");
+}
+
+#[test]
+fn check_config_names_the_file_the_key_and_the_line() {
+    let typo = write_temp("[proxy]\nlisten = \"0.0.0.0:5433\"\nleader_wait_timout = \"10s\"\n[[backend]]\nname = \"a\"\naddress = \"h:1\"\n");
+    let (code, _, stderr) = check_config(typo.path());
+    assert_eq!(code, 2);
+    assert!(stderr.contains(&typo.path().display().to_string()), "{stderr}");
+    assert!(stderr.contains("leader_wait_timout") && stderr.contains("line 3"), "{stderr}");
+
+    let duration = write_temp("[health]\ninterval = \"1 fortnight-ish\"\n[[backend]]\nname = \"a\"\naddress = \"h:1\"\n");
+    let (code, _, stderr) = check_config(duration.path());
+    assert_eq!(code, 2);
+    assert!(stderr.contains("interval") && stderr.contains("line 2"), "{stderr}");
+
+    let secret = write_temp("[health]\npassword = \"hunter2\"\n[[backend]]\nname = \"a\"\naddress = \"h:1\"\n");
+    let (code, stdout, _) = check_config(secret.path());
+    assert_eq!(code, 0);
+    assert!(!stdout.contains("hunter2") && stdout.contains("********"), "{stdout}");
+
+    let out = Command::new(BIN).arg("check-config").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--config"));
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("pgleader "));
+}
+
+/// A pgleader process; killed on drop if a test fails midway.
+struct Process {
+    child: Child,
+    proxy: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Process {
+    /// Starts the binary and reads the bound addresses from its JSON startup log line.
+    fn start(config: &Path) -> Process {
+        let mut child = Command::new(BIN)
+            .args(["--log-format", "json", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start pgleader");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("pgleader: {line}");
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if let (Some(p), Some(a)) = (v["fields"]["proxy"].as_str(), v["fields"]["admin"].as_str()) {
+                        let _ = tx.send((p.parse().unwrap(), a.parse().unwrap()));
+                    }
+                }
+            }
+        });
+        let (proxy, admin) = rx.recv_timeout(Duration::from_secs(30)).expect("pgleader logged its addresses");
+        Process { child, proxy, admin }
+    }
+
+    fn sigterm(&self) {
+        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM).unwrap();
+    }
+
+    fn wait_exit(&mut self, patience: Duration) -> i32 {
+        let mut code = None;
+        common::eventually_blocking(patience, "pgleader exits", || {
+            code = self.child.try_wait().unwrap().map(|s| s.code().unwrap_or(-1));
+            code.is_some()
+        });
+        code.unwrap()
+    }
+}
+
+fn config_for(node: &PgNode, grace: &str) -> tempfile::NamedTempFile {
+    write_temp(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"{grace}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [health]\nuser = \"postgres\"\ninterval = \"200ms\"\n[[backend]]\nname = \"db\"\naddress = \"{}\"\n",
+        node.addr()
+    ))
+}
+
+async fn wait_ready(admin: SocketAddr) {
+    common::eventually(Duration::from_secs(30), "ready", || async { (get(admin, "/readyz").await.0 == 200).then_some(()) }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_open_sessions_then_exits_zero() {
+    let primary = PgNode::start_primary("drain");
+    let config = config_for(&primary, "30s");
+    let mut pgleader = Process::start(config.path());
+    wait_ready(pgleader.admin).await;
+    let session = connect_via(pgleader.proxy, "postgres").await.unwrap();
+
+    pgleader.sigterm();
+    common::eventually(Duration::from_secs(10), "not ready while draining", || async {
+        let (code, body) = get(pgleader.admin, "/readyz").await;
+        (code == 503 && body.contains("draining")).then_some(())
+    })
+    .await;
+    common::eventually(Duration::from_secs(10), "no new clients", || async {
+        tokio::net::TcpStream::connect(pgleader.proxy).await.is_err().then_some(())
+    })
+    .await;
+    // The open session keeps working through the drain.
+    let row = session.query_one("SELECT 42", &[]).await.expect("the session survives the drain");
+    assert_eq!(row.get::<_, i32>(0), 42);
+    assert!(pgleader.child.try_wait().unwrap().is_none(), "pgleader waits for the open session");
+    drop(session);
+    assert_eq!(pgleader.wait_exit(Duration::from_secs(20)), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_cuts_sessions_left_at_the_end_of_the_grace_period() {
+    let primary = PgNode::start_primary("grace");
+    let config = config_for(&primary, "1s");
+    let mut pgleader = Process::start(config.path());
+    wait_ready(pgleader.admin).await;
+    let session = connect_via(pgleader.proxy, "postgres").await.unwrap();
+    pgleader.sigterm();
+    assert_eq!(pgleader.wait_exit(Duration::from_secs(20)), 0);
+    assert!(session.simple_query("SELECT 1").await.is_err(), "the session was closed at the deadline");
+}
