@@ -1,0 +1,104 @@
+//! deploy/grafana/pgleader.json: it parses, and it queries only metrics pgleader exports.
+
+use std::collections::BTreeSet;
+
+use crate::read;
+
+/// Every metric pgleader exports (README's metrics reference).
+pub const EXPORTED_METRICS: &[&str] = &[
+    "pgleader_backend_up",
+    "pgleader_backend_role",
+    "pgleader_leader",
+    "pgleader_leader_changes_total",
+    "pgleader_split_brain",
+    "pgleader_clients_waiting",
+    "pgleader_sessions_active",
+    "pgleader_sessions_total",
+    "pgleader_session_bytes_total",
+    "pgleader_health_checks_total",
+    "pgleader_health_check_duration_seconds",
+    "pgleader_leader_wait_seconds",
+    "pgleader_config_reloads_total",
+    "pgleader_build_info",
+];
+
+/// The histograms among [`EXPORTED_METRICS`], queried through `_bucket`, `_sum` and `_count`.
+pub const HISTOGRAMS: &[&str] = &["pgleader_health_check_duration_seconds", "pgleader_leader_wait_seconds"];
+
+/// The metric families a dashboard queries: every `pgleader_*` name in its panel and template
+/// queries (`expr`, `query`, `definition`), with a histogram's `_bucket`/`_sum`/`_count` mapped
+/// to its family name. Compare the result with [`EXPORTED_METRICS`] or a live `/metrics`.
+pub fn dashboard_metric_names(dashboard: &serde_json::Value) -> BTreeSet<String> {
+    fn walk(v: &serde_json::Value, out: &mut BTreeSet<String>) {
+        match v {
+            serde_json::Value::Object(map) => {
+                for (k, v) in map {
+                    match (k.as_str(), v) {
+                        ("expr" | "query" | "definition", serde_json::Value::String(q)) => metric_tokens(q, out),
+                        _ => walk(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|i| walk(i, out)),
+            _ => {}
+        }
+    }
+    let mut out = BTreeSet::new();
+    walk(dashboard, &mut out);
+    out
+}
+
+fn metric_tokens(query: &str, out: &mut BTreeSet<String>) {
+    let bytes = query.as_bytes();
+    let mut i = 0;
+    while let Some(pos) = query[i..].find("pgleader_") {
+        let start = i + pos;
+        let boundary = start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+        let end =
+            start + query[start..].find(|c: char| !(c.is_ascii_lowercase() || c == '_')).unwrap_or(query.len() - start);
+        if boundary {
+            let token = &query[start..end];
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| token.strip_suffix(s).filter(|base| HISTOGRAMS.contains(base)))
+                .unwrap_or(token);
+            out.insert(family.to_owned());
+        }
+        i = end.max(start + 1);
+    }
+}
+
+#[test]
+fn grafana_dashboard_queries_only_exported_metrics() {
+    let text = read("deploy/grafana/pgleader.json");
+    let dashboard: serde_json::Value = serde_json::from_str(&text).expect("deploy/grafana/pgleader.json is not JSON");
+    assert_eq!(dashboard["uid"], "pgleader-overview");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    let ids: Vec<u64> = panels.iter().map(|p| p["id"].as_u64().expect("panel id")).collect();
+    assert_eq!(ids.iter().collect::<BTreeSet<_>>().len(), ids.len(), "panel ids must be unique");
+    for p in panels.iter().filter(|p| p["type"] != "row") {
+        let targets = p["targets"].as_array().unwrap_or_else(|| panic!("panel {} has no targets", p["title"]));
+        assert!(!targets.is_empty(), "panel {} has no queries", p["title"]);
+        for t in targets {
+            assert_eq!(t["datasource"]["uid"], "${datasource}", "panel {}: use the datasource variable", p["title"]);
+        }
+    }
+
+    let used = dashboard_metric_names(&dashboard);
+    let exported: BTreeSet<String> = EXPORTED_METRICS.iter().map(|s| (*s).to_owned()).collect();
+    let unknown: Vec<&String> = used.difference(&exported).collect();
+    assert!(unknown.is_empty(), "the dashboard queries metrics pgleader does not export: {unknown:?}");
+    let unused: Vec<&String> = exported.difference(&used).collect();
+    assert!(unused.is_empty(), "exported metrics with no panel: {unused:?}");
+}
+
+#[test]
+fn metric_extraction_is_not_fooled() {
+    let q = serde_json::json!({"panels": [{"targets": [{"expr":
+        "histogram_quantile(0.9, rate(pgleader_leader_wait_seconds_bucket[5m])) + pgleader_sessions_total + pgleader_leader_count + xpgleader_nope"
+    }]}], "title": "pgleader_not_a_query"});
+    let names = dashboard_metric_names(&q);
+    let want: BTreeSet<String> =
+        ["pgleader_leader_wait_seconds", "pgleader_sessions_total", "pgleader_leader_count"].map(String::from).into();
+    assert_eq!(names, want, "a non-histogram's _count stays as is (and is then reported as unknown)");
+}
