@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
@@ -97,12 +97,16 @@ fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<Bytes
             match (state.draining.is_cancelled(), table.leader_view()) {
                 (true, _) => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: draining (shutting down)\n"),
                 (false, Some(leader)) => text(StatusCode::OK, &format!("ready: leader {}\n", leader.name)),
-                (false, None) => text(StatusCode::SERVICE_UNAVAILABLE, &format!("not ready: no leader: {}\n", table.reason.describe())),
+                (false, None) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("not ready: no leader: {}\n", table.reason.describe()),
+                ),
             }
         }
         "/status" => {
             let table = state.routing.borrow().clone();
-            let body = status_json(&table, state.draining.is_cancelled(), state.config_generation.load(Ordering::Relaxed));
+            let body =
+                status_json(&table, state.draining.is_cancelled(), state.config_generation.load(Ordering::Relaxed));
             with_type(StatusCode::OK, body, "application/json")
         }
         "/metrics" => with_type(StatusCode::OK, state.metrics.encode(), "text/plain; version=0.0.4"),

@@ -176,7 +176,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let tracker = TaskTracker::new();
     let proxy = Proxy {
         listener,
-        shared: Arc::new(Shared { routing: table_rx, settings: settings_rx, reports: reports_tx, metrics, hard_stop: hard_stop.clone() }),
+        shared: Arc::new(Shared {
+            routing: table_rx,
+            settings: settings_rx,
+            reports: reports_tx,
+            metrics,
+            hard_stop: hard_stop.clone(),
+        }),
         limit,
         stop_accepting: draining.clone(),
         tracker: tracker.clone(),
@@ -333,7 +339,11 @@ impl Supervisor {
         drain.tracker.close();
         let grace = self.config.proxy.shutdown_grace;
         if tokio::time::timeout(grace, drain.tracker.wait()).await.is_err() {
-            tracing::warn!(open = drain.tracker.len(), ?grace, "shutdown grace period over: closing the remaining sessions");
+            tracing::warn!(
+                open = drain.tracker.len(),
+                ?grace,
+                "shutdown grace period over: closing the remaining sessions"
+            );
             drain.hard_stop.cancel();
             drain.tracker.wait().await;
         }
@@ -369,13 +379,15 @@ impl Supervisor {
             let kept = self.members.iter().find(|m| m.name == b.name && m.address == address).cloned();
             members.push(kept.unwrap_or_else(|| self.new_member(&b.name, &address)));
         }
-        let removed: Vec<Member> = self.members.iter().filter(|m| !members.iter().any(|n| n.id == m.id)).cloned().collect();
+        let removed: Vec<Member> =
+            self.members.iter().filter(|m| !members.iter().any(|n| n.id == m.id)).cloned().collect();
         for m in &removed {
             if !members.iter().any(|n| n.name == m.name) {
                 self.metrics.remove_backend(&m.name);
             }
         }
-        let mut restart: Vec<Member> = members.iter().filter(|m| !self.members.iter().any(|o| o.id == m.id)).cloned().collect();
+        let mut restart: Vec<Member> =
+            members.iter().filter(|m| !self.members.iter().any(|o| o.id == m.id)).cloned().collect();
         if health_changed {
             restart = members.clone();
         }

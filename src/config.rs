@@ -72,9 +72,8 @@ impl fmt::Display for HostPort {
 impl std::str::FromStr for HostPort {
     type Err = String;
     fn from_str(s: &str) -> Result<HostPort, String> {
-        let (host, port) = s
-            .rsplit_once(':')
-            .ok_or_else(|| format!("`{s}` is not host:port (for example \"10.0.0.5:5432\")"))?;
+        let (host, port) =
+            s.rsplit_once(':').ok_or_else(|| format!("`{s}` is not host:port (for example \"10.0.0.5:5432\")"))?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() {
             return Err(format!("`{s}` has an empty host"));
@@ -234,7 +233,8 @@ impl Config {
     /// # Errors
     /// As [`Config::from_toml`], plus [`ConfigError::Read`].
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Config::from_toml(&text, &path.display().to_string())
     }
 
@@ -364,7 +364,11 @@ impl Config {
         let mut d = ConfigDiff::default();
         let mut check = |changed: bool, key: &'static str, hot: bool| {
             if changed {
-                if hot { d.hot.push(key) } else { d.restart_required.push(key) }
+                if hot {
+                    d.hot.push(key)
+                } else {
+                    d.restart_required.push(key)
+                }
             }
         };
         check(self.proxy.listen != new.proxy.listen, "proxy.listen", false);
@@ -385,11 +389,12 @@ fn line_at(text: &str, offset: usize) -> usize {
 
 /// The first line assigning `key` (for errors about cross-field rules).
 fn key_line(text: &str, key: &str) -> Option<usize> {
-    text.lines().position(|l| {
-        let l = l.trim_start();
-        l.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with('='))
-    })
-    .map(|i| i + 1)
+    text.lines()
+        .position(|l| {
+            let l = l.trim_start();
+            l.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+        .map(|i| i + 1)
 }
 
 fn default_proxy_listen() -> SocketAddr {

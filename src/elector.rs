@@ -106,7 +106,9 @@ impl Elector {
             let error = after.last_error.as_deref().unwrap_or("");
             match now {
                 Role::Down => tracing::warn!(backend = %member.name, from = was.as_str(), %error, "backend is down"),
-                _ => tracing::info!(backend = %member.name, from = was.as_str(), to = now.as_str(), "backend role changed"),
+                _ => {
+                    tracing::info!(backend = %member.name, from = was.as_str(), to = now.as_str(), "backend role changed")
+                }
             }
         }
     }
@@ -117,7 +119,11 @@ impl Elector {
         }
         let (from, to, reason) = (self.name(prev.leader), self.name(next.leader), next.reason.describe());
         if next.reason.is_split_brain() {
-            tracing::error!(previous = from, reason, "no leader: split brain; check which node Patroni considers primary");
+            tracing::error!(
+                previous = from,
+                reason,
+                "no leader: split brain; check which node Patroni considers primary"
+            );
         } else if next.leader.is_some() {
             tracing::warn!(leader = to, previous = from, epoch = next.epoch, reason, "leader elected");
         } else if prev.leader.is_some() {

@@ -157,13 +157,15 @@ impl Checker {
         let Some(s) = session.as_ref() else { return Outcome::Failed("no health connection".to_owned()) };
         match s.client.query_one(&s.probe, &[]).await {
             Ok(row) => {
-                let parsed = row
-                    .try_get::<_, bool>(0)
-                    .and_then(|r| Ok((r, row.try_get::<_, Option<String>>(1)?)));
+                let parsed = row.try_get::<_, bool>(0).and_then(|r| Ok((r, row.try_get::<_, Option<String>>(1)?)));
                 match parsed {
-                    Ok((true, _)) => Outcome::Probe(Probe { in_recovery: true, timeline: None, system_id: s.system_id }),
+                    Ok((true, _)) => {
+                        Outcome::Probe(Probe { in_recovery: true, timeline: None, system_id: s.system_id })
+                    }
                     Ok((false, Some(hex))) => match u32::from_str_radix(&hex, 16) {
-                        Ok(tl) => Outcome::Probe(Probe { in_recovery: false, timeline: Some(tl), system_id: s.system_id }),
+                        Ok(tl) => {
+                            Outcome::Probe(Probe { in_recovery: false, timeline: Some(tl), system_id: s.system_id })
+                        }
                         Err(_) => Outcome::Failed(format!("unexpected timeline `{hex}` from the probe")),
                     },
                     Ok((false, None)) => Outcome::Failed("the probe returned no timeline for a primary".to_owned()),

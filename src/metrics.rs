@@ -6,8 +6,8 @@
 //! gaps. This module must not depend on any other module of the crate.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// How a client connection ended: the `result` label of `pgleader_sessions_total`.
@@ -102,7 +102,11 @@ impl Metrics {
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         let m = Metrics {
             registry: Registry::new(),
-            backend_up: gauge_vec("pgleader_backend_up", "1 if the backend's latest health check succeeded", &["backend"]),
+            backend_up: gauge_vec(
+                "pgleader_backend_up",
+                "1 if the backend's latest health check succeeded",
+                &["backend"],
+            ),
             backend_role: gauge_vec(
                 "pgleader_backend_role",
                 "1 for the backend's current role (unknown, primary, replica, down)",
@@ -118,7 +122,11 @@ impl Metrics {
             .expect("valid metric"),
             clients_waiting: IntGauge::new("pgleader_clients_waiting", "Clients waiting for a leader")
                 .expect("valid metric"),
-            sessions_active: gauge_vec("pgleader_sessions_active", "Client sessions spliced to a backend", &["backend"]),
+            sessions_active: gauge_vec(
+                "pgleader_sessions_active",
+                "Client sessions spliced to a backend",
+                &["backend"],
+            ),
             sessions: IntCounterVec::new(
                 Opts::new("pgleader_sessions_total", "Client connections by how they ended"),
                 &["result"],

@@ -58,9 +58,7 @@ impl FirstPacket {
     /// The value of a startup parameter such as `user` or `database`.
     pub fn param(&self, key: &str) -> Option<&str> {
         match self {
-            FirstPacket::Startup { params, .. } => {
-                params.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
-            }
+            FirstPacket::Startup { params, .. } => params.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str()),
             _ => None,
         }
     }
@@ -138,12 +136,7 @@ pub fn parse_first_packet(buf: &[u8]) -> Result<Option<(FirstPacket, usize)>, St
     Ok(Some((parsed, len_usize)))
 }
 
-fn exact(
-    packet: FirstPacket,
-    what: &'static str,
-    len: u32,
-    want: u32,
-) -> Result<FirstPacket, StartupError> {
+fn exact(packet: FirstPacket, what: &'static str, len: u32, want: u32) -> Result<FirstPacket, StartupError> {
     if len == want {
         Ok(packet)
     } else {
@@ -169,12 +162,8 @@ fn parse_params(mut body: &[u8]) -> Result<Vec<(String, String)>, StartupError> 
 }
 
 fn take_cstr(body: &mut &[u8]) -> Result<String, StartupError> {
-    let nul = body
-        .iter()
-        .position(|&b| b == 0)
-        .ok_or(StartupError::BadParams("missing NUL terminator"))?;
-    let s = std::str::from_utf8(&body[..nul])
-        .map_err(|_| StartupError::BadParams("parameter is not valid UTF-8"))?;
+    let nul = body.iter().position(|&b| b == 0).ok_or(StartupError::BadParams("missing NUL terminator"))?;
+    let s = std::str::from_utf8(&body[..nul]).map_err(|_| StartupError::BadParams("parameter is not valid UTF-8"))?;
     *body = &body[nul + 1..];
     Ok(s.to_owned())
 }
@@ -374,7 +363,10 @@ mod tests {
         let len = u32::from_be_bytes([msg[1], msg[2], msg[3], msg[4]]) as usize;
         assert_eq!(len + 1, msg.len());
         let fields = parse_error_response(&msg).unwrap();
-        assert_eq!((fields.severity.as_str(), fields.code.as_str(), fields.message.as_str()), ("FATAL", "57P03", "no leader"));
+        assert_eq!(
+            (fields.severity.as_str(), fields.code.as_str(), fields.message.as_str()),
+            ("FATAL", "57P03", "no leader")
+        );
         assert_eq!(classify_backend_reply(&msg), BackendReply::CannotConnectNow);
         assert_eq!(classify_backend_reply(&msg[..msg.len() - 1]), BackendReply::Incomplete);
         assert_eq!(classify_backend_reply(&error_response("28P01", "auth")), BackendReply::Proceed);

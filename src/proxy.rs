@@ -327,7 +327,11 @@ impl Conn {
                      check the cluster (patronictl list) and GET /status on the pgleader admin port",
                     self.settings.leader_wait_timeout
                 );
-                let packet = if hello.ssl_request { FirstPacket::SslRequest } else { FirstPacket::Startup { minor: 0, params: vec![] } };
+                let packet = if hello.ssl_request {
+                    FirstPacket::SslRequest
+                } else {
+                    FirstPacket::Startup { minor: 0, params: vec![] }
+                };
                 self.refuse_after(packet, sqlstate::CANNOT_CONNECT_NOW, &message).await;
                 return Some(SessionResult::NoLeader);
             };
@@ -338,7 +342,8 @@ impl Conn {
                 Attempt::ClientGone => return Some(SessionResult::ClientError),
                 Attempt::BackendFailed(error) => {
                     tracing::info!(backend = %leader.name, %error, "leader did not take the client; retrying on the next route");
-                    let report = Report { backend: id, observation: Observation::Lost { error }, at: Instant::now().into_std() };
+                    let report =
+                        Report { backend: id, observation: Observation::Lost { error }, at: Instant::now().into_std() };
                     // Never block a client on the elector: if its queue is full, checks catch up.
                     let _ = self.shared.reports.try_send(report);
                     after_failure = true;
@@ -358,7 +363,8 @@ impl Conn {
         };
         tune(&backend);
         if hello.ssl_request {
-            let request = 8u32.to_be_bytes().into_iter().chain(pgwire::SSL_REQUEST_CODE.to_be_bytes()).collect::<Vec<_>>();
+            let request =
+                8u32.to_be_bytes().into_iter().chain(pgwire::SSL_REQUEST_CODE.to_be_bytes()).collect::<Vec<_>>();
             let mut answer = [0u8; 1];
             let exchanged = timeout_at(limit, async {
                 backend.write_all(&request).await?;
@@ -384,7 +390,9 @@ impl Conn {
                         _ => return Attempt::ClientGone,
                     }
                 }
-                Ok(Ok(_)) => return Attempt::BackendFailed(format!("{address} answered SSLRequest with {:?}", answer[0])),
+                Ok(Ok(_)) => {
+                    return Attempt::BackendFailed(format!("{address} answered SSLRequest with {:?}", answer[0]))
+                }
                 Ok(Err(e)) => return Attempt::BackendFailed(format!("SSLRequest to {address}: {e}")),
                 Err(_) => return Attempt::BackendFailed(format!("SSLRequest to {address}: no answer in time")),
             }

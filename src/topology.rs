@@ -195,8 +195,12 @@ impl Reason {
             Reason::SolePrimary => "the only routable primary",
             Reason::NewestTimeline => "the primary on the newest timeline; other primaries are stale",
             Reason::NoPrimary => "no backend is a healthy primary (failover in progress, or all primaries down)",
-            Reason::StaleTimeline => "the only primaries are on a timeline older than one already seen (a demoted leader)",
-            Reason::SplitBrainSameTimeline => "split brain: several primaries on the same timeline; refusing to pick one",
+            Reason::StaleTimeline => {
+                "the only primaries are on a timeline older than one already seen (a demoted leader)"
+            }
+            Reason::SplitBrainSameTimeline => {
+                "split brain: several primaries on the same timeline; refusing to pick one"
+            }
             Reason::SplitBrainDifferentSystems => {
                 "split brain: primaries belong to different database systems (misconfigured backends)"
             }
@@ -261,7 +265,13 @@ pub struct RoutingTable {
 impl RoutingTable {
     /// The table before any check: no leader.
     pub fn initial() -> RoutingTable {
-        RoutingTable { leader: None, reason: Reason::Starting, epoch: 0, backends: Vec::new(), max_timelines: BTreeMap::new() }
+        RoutingTable {
+            leader: None,
+            reason: Reason::Starting,
+            epoch: 0,
+            backends: Vec::new(),
+            max_timelines: BTreeMap::new(),
+        }
     }
 
     /// The leader's view, if there is a leader.
@@ -287,11 +297,9 @@ impl RoutingTable {
             || self.epoch != other.epoch
             || self.reason != other.reason
             || self.backends.len() != other.backends.len()
-            || self
-                .backends
-                .iter()
-                .zip(&other.backends)
-                .any(|(a, b)| a.id != b.id || a.routable != b.routable || a.keeps_sessions != b.keeps_sessions || a.role != b.role)
+            || self.backends.iter().zip(&other.backends).any(|(a, b)| {
+                a.id != b.id || a.routable != b.routable || a.keeps_sessions != b.keeps_sessions || a.role != b.role
+            })
     }
 }
 
@@ -325,7 +333,9 @@ pub fn decide(prev: &RoutingTable, backends: &[Backend], policy: &Policy, now: I
     let primaries: Vec<usize> = (0..states.len()).filter(|&i| states[i].is_routable_primary(policy, now)).collect();
     let current: Vec<usize> = primaries.iter().copied().filter(|&i| views[i].routable).collect();
     let system = |i: usize| states[i].last_probe.and_then(|p| p.system_id);
-    let one_system = primaries.first().is_some_and(|&first| system(first).is_some() && primaries.iter().all(|&i| system(i) == system(first)));
+    let one_system = primaries
+        .first()
+        .is_some_and(|&first| system(first).is_some() && primaries.iter().all(|&i| system(i) == system(first)));
     let (leader, reason) = match current.as_slice() {
         _ if primaries.len() > 1 && !one_system => (None, Reason::SplitBrainDifferentSystems),
         [] if states.iter().all(|s| s.observed_at.is_none()) => (None, Reason::Starting),
@@ -367,7 +377,12 @@ mod tests {
 
     fn backends(n: u32) -> Vec<Backend> {
         (0..n)
-            .map(|i| Backend { id: BackendId(i), name: format!("b{i}"), address: format!("h:{i}"), state: BackendState::default() })
+            .map(|i| Backend {
+                id: BackendId(i),
+                name: format!("b{i}"),
+                address: format!("h:{i}"),
+                state: BackendState::default(),
+            })
             .collect()
     }
 
@@ -394,8 +409,18 @@ mod tests {
         }
         let cases = vec![
             Case { name: "nothing checked yet", events: vec![], leader: None, reason: Reason::Starting },
-            Case { name: "primary and replica", events: vec![(0, primary(1, 7)), (1, replica(7))], leader: Some(0), reason: Reason::SolePrimary },
-            Case { name: "two replicas", events: vec![(0, replica(7)), (1, replica(7))], leader: None, reason: Reason::NoPrimary },
+            Case {
+                name: "primary and replica",
+                events: vec![(0, primary(1, 7)), (1, replica(7))],
+                leader: Some(0),
+                reason: Reason::SolePrimary,
+            },
+            Case {
+                name: "two replicas",
+                events: vec![(0, replica(7)), (1, replica(7))],
+                leader: None,
+                reason: Reason::NoPrimary,
+            },
             Case {
                 name: "promoted replica beside a running old primary",
                 events: vec![(0, primary(1, 7)), (1, replica(7)), (1, primary(2, 7))],

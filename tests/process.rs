@@ -1,6 +1,8 @@
 //! The `pgleader` binary as an operator runs it: `check-config` on the shipped and on broken
 //! files, and the SIGTERM drain of a real process in front of a real PostgreSQL.
 
+#![allow(clippy::unwrap_used, reason = "in tests a panic is the failure report")]
+
 mod common;
 
 use std::io::{BufRead, BufReader};
@@ -54,7 +56,8 @@ fn check_config_names_the_file_the_key_and_the_line() {
     assert!(stderr.contains(&typo.path().display().to_string()), "{stderr}");
     assert!(stderr.contains("leader_wait_timout") && stderr.contains("line 3"), "{stderr}");
 
-    let duration = write_temp("[health]\ninterval = \"1 fortnight-ish\"\n[[backend]]\nname = \"a\"\naddress = \"h:1\"\n");
+    let duration =
+        write_temp("[health]\ninterval = \"1 fortnight-ish\"\n[[backend]]\nname = \"a\"\naddress = \"h:1\"\n");
     let (code, _, stderr) = check_config(duration.path());
     assert_eq!(code, 2);
     assert!(stderr.contains("interval") && stderr.contains("line 2"), "{stderr}");
@@ -134,7 +137,10 @@ fn config_for(node: &PgNode, grace: &str) -> tempfile::NamedTempFile {
 }
 
 async fn wait_ready(admin: SocketAddr) {
-    common::eventually(Duration::from_secs(30), "ready", || async { (get(admin, "/readyz").await.0 == 200).then_some(()) }).await;
+    common::eventually(Duration::from_secs(30), "ready", || async {
+        (get(admin, "/readyz").await.0 == 200).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

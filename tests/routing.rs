@@ -2,6 +2,8 @@
 //! (tokio-postgres and psql): the session lands on the primary, TLS passes through, cancel
 //! requests reach the leader, and clients the proxy must refuse get a proper ErrorResponse.
 
+#![allow(clippy::unwrap_used, reason = "in tests a panic is the failure report")]
+
 mod common;
 
 use std::process::Command;
@@ -58,10 +60,18 @@ async fn sessions_land_on_the_primary_and_writes_succeed() {
     assert_eq!((code, body.trim()), (200, "ready: leader primary"));
     assert_eq!(metric(proxy.admin_addr, "pgleader_leader{backend=\"primary\"}").await, Some(1.0));
     assert_eq!(metric(proxy.admin_addr, "pgleader_leader{backend=\"replica\"}").await, Some(0.0));
-    assert_eq!(metric(proxy.admin_addr, "pgleader_backend_role{backend=\"replica\",role=\"replica\"}").await, Some(1.0));
+    assert_eq!(
+        metric(proxy.admin_addr, "pgleader_backend_role{backend=\"replica\",role=\"replica\"}").await,
+        Some(1.0)
+    );
     assert!(metric(proxy.admin_addr, "pgleader_sessions_total{result=\"ok\"}").await.unwrap() >= 3.0);
-    assert!(metric(proxy.admin_addr, "pgleader_session_bytes_total{direction=\"backend_to_client\"}").await.unwrap() > 0.0);
-    assert!(metric(proxy.admin_addr, "pgleader_health_check_duration_seconds_count{backend=\"primary\"}").await.unwrap() > 0.0);
+    assert!(
+        metric(proxy.admin_addr, "pgleader_session_bytes_total{direction=\"backend_to_client\"}").await.unwrap() > 0.0
+    );
+    assert!(
+        metric(proxy.admin_addr, "pgleader_health_check_duration_seconds_count{backend=\"primary\"}").await.unwrap()
+            > 0.0
+    );
     proxy.shutdown().await.unwrap();
 }
 
@@ -77,7 +87,12 @@ async fn tls_runs_end_to_end_with_sslmode_require() {
         .output()
         .expect("run openssl (apt-get install openssl)");
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
-    let chown = Command::new("chown").arg("--reference").arg(dir.join("PG_VERSION")).arg(dir.join("server.crt")).arg(dir.join("server.key")).status();
+    let chown = Command::new("chown")
+        .arg("--reference")
+        .arg(dir.join("PG_VERSION"))
+        .arg(dir.join("server.crt"))
+        .arg(dir.join("server.key"))
+        .status();
     assert!(chown.unwrap().success());
     std::fs::set_permissions(dir.join("server.key"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     primary.append_conf("ssl = on\n");
@@ -101,7 +116,11 @@ async fn cancel_requests_reach_the_leader() {
     let sleeper = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(60)").await });
     // Cancel once the query is running on the server.
     common::eventually(Duration::from_secs(20), "pg_sleep running", || async {
-        (primary.sql("postgres", "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)' AND state = 'active'")
+        (primary
+            .sql(
+                "postgres",
+                "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)' AND state = 'active'",
+            )
             .as_deref()
             == Some("1"))
         .then_some(())
@@ -129,7 +148,8 @@ async fn bad_first_packets_get_an_error_and_the_proxy_keeps_serving() {
     wait_leader(proxy.admin_addr, Some("garbage")).await;
     let healthy = connect_via(proxy.proxy_addr, "postgres").await.unwrap();
 
-    let http = first_packet_reply(proxy.proxy_addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("an ErrorResponse");
+    let http =
+        first_packet_reply(proxy.proxy_addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("an ErrorResponse");
     assert_eq!((http.severity.as_str(), http.code.as_str()), ("FATAL", "08P01"));
     let mut oversized = 20_000u32.to_be_bytes().to_vec();
     oversized.extend_from_slice(&196_608u32.to_be_bytes());
@@ -167,7 +187,8 @@ async fn bad_first_packets_get_an_error_and_the_proxy_keeps_serving() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_max_connections_clients_get_53300() {
     let primary = PgNode::start_primary("limit");
-    let proxy = ProxyBuilder::new(&[&primary]).proxy("max_connections", "2").proxy("client_hello_timeout", "60s").start().await;
+    let proxy =
+        ProxyBuilder::new(&[&primary]).proxy("max_connections", "2").proxy("client_hello_timeout", "60s").start().await;
     wait_leader(proxy.admin_addr, Some("limit")).await;
     let first = connect_via(proxy.proxy_addr, "postgres").await.unwrap();
     // A client still in its startup phase holds a slot too.
@@ -184,7 +205,11 @@ async fn over_max_connections_clients_get_53300() {
     assert!(db.message().contains("max_connections"), "{}", db.message());
     // psql with the default sslmode=prefer sees the same error after pgleader answers N.
     let out = psql_via(proxy.proxy_addr, "", "SELECT 1");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("too many client connections"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("too many client connections"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(metric(proxy.admin_addr, "pgleader_sessions_total{result=\"refused_limit\"}").await.unwrap() >= 2.0);
     assert_eq!(first.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
     proxy.shutdown().await.unwrap();

@@ -9,8 +9,10 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod patroni;
 pub mod pg;
 pub mod proxy;
+pub mod workload;
 
 use std::future::Future;
 use std::time::Duration;

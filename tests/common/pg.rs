@@ -221,6 +221,11 @@ impl PgNode {
         self.running = false;
     }
 
+    /// `pg_ctl promote` without waiting for it to finish.
+    pub fn promote_nowait(&self) {
+        run_ok(pg_command("pg_ctl").args(["-W", "-D"]).arg(self.datadir()).arg("promote"));
+    }
+
     /// `pg_ctl promote` and wait until the server is out of recovery.
     pub fn promote(&self) {
         run_ok(pg_command("pg_ctl").args(["-w", "-t", "60", "-D"]).arg(self.datadir()).arg("promote"));
@@ -257,7 +262,8 @@ impl PgNode {
                 let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
                 let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
                 // Fields after the parenthesised command: state, ppid, ...
-                let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok());
+                let ppid =
+                    stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok());
                 if ppid == Some(root) {
                     pids.push(pid);
                 }
@@ -325,7 +331,8 @@ impl Drop for PgNode {
 
 fn append(path: &Path, text: &str) {
     use std::io::Write;
-    let mut f = std::fs::OpenOptions::new().append(true).open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut f =
+        std::fs::OpenOptions::new().append(true).open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     f.write_all(text.as_bytes()).expect("append");
 }
 

@@ -24,7 +24,11 @@ impl ProxyBuilder {
     /// Backends by (name, "host:port"), for addresses that are not harness nodes.
     pub fn with_addresses(backends: Vec<(String, String)>) -> ProxyBuilder {
         let mut b = ProxyBuilder { backends, proxy: Vec::new(), health: Vec::new() };
-        b = b.proxy("shutdown_grace", "1s").proxy("leader_wait_timeout", "5s").proxy("connect_timeout", "1s").proxy("client_hello_timeout", "5s");
+        b = b
+            .proxy("shutdown_grace", "1s")
+            .proxy("leader_wait_timeout", "5s")
+            .proxy("connect_timeout", "1s")
+            .proxy("client_hello_timeout", "5s");
         b = b.health("interval", "200ms").health("fast_interval", "50ms").health("timeout", "500ms");
         b.health("user", "postgres").health("fall", "3")
     }
@@ -43,7 +47,8 @@ impl ProxyBuilder {
     }
 
     pub fn toml(&self) -> String {
-        let value = |v: &str| if v.parse::<f64>().is_ok() || v.starts_with('[') { v.to_owned() } else { format!("{v:?}") };
+        let value =
+            |v: &str| if v.parse::<f64>().is_ok() || v.starts_with('[') { v.to_owned() } else { format!("{v:?}") };
         let mut t = String::from("[proxy]\nlisten = \"127.0.0.1:0\"\n");
         for (k, v) in &self.proxy {
             t += &format!("{k} = {}\n", value(v));
@@ -93,7 +98,10 @@ pub async fn http(method: &str, addr: SocketAddr, path: &str) -> (u16, String) {
     let req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
     s.write_all(req.as_bytes()).await.expect("send request");
     let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw)).await.expect("admin answered").expect("read");
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
+        .await
+        .expect("admin answered")
+        .expect("read");
     let text = String::from_utf8_lossy(&raw).into_owned();
     let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("status line");
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
