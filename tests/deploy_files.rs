@@ -11,7 +11,7 @@
 //!   `scripts/patroni-venv`) with the job's PATRONI_* environment, and `post_bootstrap.sh` runs
 //!   against a real PostgreSQL, after which the roles it made log in with their passwords.
 //! - `deploy/prometheus/`: `promtool check config`, `check rules`, `test rules`; every alert must
-//!   have a firing and a resolved case.
+//!   have a firing case and a later resolved one, and link a section that exists in the runbook.
 //! - `deploy/grafana/pgleader.json`: parses; every metric it queries is one pgleader exports
 //!   ([`grafana::dashboard_metric_names`] is the reusable extractor for a live `/metrics` comparison).
 //! - `Dockerfile`: its shape (stages, copied paths vs `.dockerignore`, non-root uid matching the

@@ -157,3 +157,29 @@ fn every_alert_has_a_firing_and_a_resolved_test() {
         );
     }
 }
+
+#[test]
+fn alert_runbook_links_point_at_runbook_sections() {
+    let runbook = read("docs/runbook.md");
+    // GitHub's anchors: lower case, spaces to '-', punctuation other than '-' and '_' dropped.
+    let anchors: BTreeSet<String> = runbook
+        .lines()
+        .filter_map(|l| l.strip_prefix('#').map(|h| h.trim_start_matches('#').trim()))
+        .map(|h| {
+            h.to_lowercase()
+                .chars()
+                .filter_map(|c| match c {
+                    ' ' => Some('-'),
+                    c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+                    _ => None,
+                })
+                .collect()
+        })
+        .collect();
+    let alerts = read("deploy/prometheus/alerts.yml");
+    let links: Vec<&str> = alerts.lines().filter_map(|l| l.trim().strip_prefix("runbook: docs/runbook.md#")).collect();
+    assert!(!links.is_empty(), "alerts.yml links no runbook section");
+    for link in links {
+        assert!(anchors.contains(link), "alerts.yml links docs/runbook.md#{link}, which is no heading there");
+    }
+}

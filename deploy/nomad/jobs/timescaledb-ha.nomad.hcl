@@ -229,8 +229,8 @@ postgresql:
 EOF
       }
 
-      # As the previous job: 3 GiB for shared_buffers (768 MiB), the page cache it relies on is
-      # outside the cgroup's limit only partly, so leave headroom for backends and maintenance.
+      # As the previous job. shared_buffers is a quarter of it (768 MiB); the rest is for
+      # backends, maintenance_work_mem and the page cache the cgroup is charged for.
       resources {
         cpu    = 1500
         memory = 3072
