@@ -1092,7 +1092,9 @@ async fn timescaledb_live() {
     tokio::spawn(conn);
     let admin_db = cfg.get_dbname().unwrap_or("postgres").to_owned();
     let name = format!("pgleader_schema_{}", std::process::id());
-    exec(&admin, &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE); CREATE DATABASE {name}")).await;
+    // Two round trips: CREATE DATABASE cannot run in a multi-statement (implicit) transaction.
+    exec(&admin, &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+    exec(&admin, &format!("CREATE DATABASE {name}")).await;
     let scratch = ScratchDb { admin_conninfo: conninfo(&cfg, &admin_db), name: name.clone() };
     let target = conninfo(&cfg, &name);
 
