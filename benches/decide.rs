@@ -1,1 +1,34 @@
-fn main(){}
+//! The leader decision, run by the elector after every health report: two and three backends,
+//! with one primary, and with two primaries on different timelines.
+
+use std::time::{Duration, Instant};
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use pgleader::topology::{decide, Backend, BackendId, BackendState, Observation, Policy, Probe, RoutingTable};
+
+fn backend(i: u32, in_recovery: bool, timeline: u32, now: Instant) -> Backend {
+    let probe = Probe { in_recovery, timeline: (!in_recovery).then_some(timeline), system_id: Some(42) };
+    Backend {
+        id: BackendId(i),
+        name: format!("node{i}"),
+        address: format!("10.0.0.{i}:5432"),
+        state: BackendState::default().observe(&Observation::Checked(probe), now),
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let now = Instant::now();
+    let policy = Policy { rise: 1, fall: 3, stale_after: Duration::from_secs(10) };
+    let pair = vec![backend(0, false, 1, now), backend(1, true, 0, now)];
+    let three = vec![backend(0, false, 1, now), backend(1, true, 0, now), backend(2, true, 0, now)];
+    let two_primaries = vec![backend(0, false, 1, now), backend(1, false, 2, now)];
+    let prev = decide(&RoutingTable::initial(), &pair, &policy, now);
+    c.bench_function("decide/pair", |b| b.iter(|| decide(black_box(&prev), black_box(&pair), &policy, now)));
+    c.bench_function("decide/three", |b| b.iter(|| decide(black_box(&prev), black_box(&three), &policy, now)));
+    c.bench_function("decide/two_primaries", |b| {
+        b.iter(|| decide(black_box(&prev), black_box(&two_primaries), &policy, now))
+    });
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
