@@ -17,6 +17,7 @@
 pub mod app;
 pub mod config;
 pub mod pgwire;
+pub mod pump;
 pub mod topology;
 
 mod admin;

@@ -19,16 +19,13 @@
 //! 4. Splice both ways until both sides close, racing the routing table (DESIGN.md rule 3 cuts
 //!    the session) and the shutdown token. After splicing starts no byte is ever injected.
 //!
-//! The byte pump holds no buffer while idle: it waits for readiness, then moves bytes through a
-//! stack buffer in a synchronous step; only bytes the destination cannot take yet are copied to
-//! the heap, and that copy is freed once written.
+//! The byte pump itself is in `pump`.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus::IntCounter;
 use socket2::{SockRef, TcpKeepalive};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -40,10 +37,8 @@ use tracing::Instrument;
 
 use crate::metrics::{Metrics, SessionResult};
 use crate::pgwire::{self, sqlstate, BackendReply, FirstPacket, StartupError};
+use crate::pump::{pump_both, Side};
 use crate::topology::{BackendId, Observation, Report, RoutingTable};
-
-/// Bytes moved per synchronous pump step (a stack buffer, never held while idle).
-const PUMP_CHUNK: usize = 64 * 1024;
 
 /// The `[proxy]` settings a connection uses, read once when it is accepted.
 #[derive(Debug, Clone, PartialEq)]
@@ -434,7 +429,7 @@ impl Conn {
         tracing::debug!(backend = %name, %address, tls, "spliced");
         let routing = &mut self.routing;
         let outcome = tokio::select! {
-            r = pump_both(&self.client, &backend, &metrics) => match r {
+            r = pump_both(&self.client, &backend, &metrics.bytes_client_to_backend, &metrics.bytes_backend_to_client) => match r {
                 Ok(()) => SessionResult::Ok,
                 Err(Side::Client(e)) => { tracing::debug!(error = %e, "client connection failed"); SessionResult::ClientError }
                 Err(Side::Backend(e)) => { tracing::info!(backend = %name, error = %e, "backend connection failed"); SessionResult::BackendError }
@@ -490,96 +485,4 @@ async fn session_cut(routing: &mut watch::Receiver<Arc<RoutingTable>>, id: Backe
             return std::future::pending().await;
         }
     }
-}
-
-/// Which side of the splice failed.
-enum Side {
-    Client(io::Error),
-    Backend(io::Error),
-}
-
-/// Moves bytes both ways until both directions reach EOF, or one fails.
-async fn pump_both(client: &TcpStream, backend: &TcpStream, metrics: &Metrics) -> Result<(), Side> {
-    let up = pump(client, backend, &metrics.bytes_client_to_backend, Side::Client, Side::Backend);
-    let down = pump(backend, client, &metrics.bytes_backend_to_client, Side::Backend, Side::Client);
-    tokio::pin!(up, down);
-    let (mut up_done, mut down_done) = (false, false);
-    while !(up_done && down_done) {
-        tokio::select! {
-            r = &mut up, if !up_done => { r?; up_done = true; }
-            r = &mut down, if !down_done => { r?; down_done = true; }
-        }
-    }
-    Ok(())
-}
-
-/// One direction. Holds no buffer while idle: see the module docs.
-async fn pump(
-    src: &TcpStream,
-    dst: &TcpStream,
-    counter: &IntCounter,
-    src_err: fn(io::Error) -> Side,
-    dst_err: fn(io::Error) -> Side,
-) -> Result<(), Side> {
-    let mut backlog: Vec<u8> = Vec::new();
-    loop {
-        if !backlog.is_empty() {
-            dst.writable().await.map_err(dst_err)?;
-            match dst.try_write(&backlog) {
-                Ok(n) => {
-                    backlog.drain(..n);
-                    if backlog.is_empty() {
-                        backlog = Vec::new();
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(dst_err(e)),
-            }
-            continue;
-        }
-        src.readable().await.map_err(src_err)?;
-        match step(src, dst, &mut backlog, counter) {
-            Ok(Step::Moved) => {}
-            Ok(Step::Eof) => {
-                let _ = SockRef::from(dst).shutdown(std::net::Shutdown::Write);
-                return Ok(());
-            }
-            Err(StepError::Read(e)) => return Err(src_err(e)),
-            Err(StepError::Write(e)) => return Err(dst_err(e)),
-        }
-    }
-}
-
-enum Step {
-    Moved,
-    Eof,
-}
-
-enum StepError {
-    Read(io::Error),
-    Write(io::Error),
-}
-
-/// Synchronous, so its buffer lives on the thread's stack, not in the session's future.
-fn step(src: &TcpStream, dst: &TcpStream, backlog: &mut Vec<u8>, counter: &IntCounter) -> Result<Step, StepError> {
-    let mut buf = [0u8; PUMP_CHUNK];
-    let n = match src.try_read(&mut buf) {
-        Ok(0) => return Ok(Step::Eof),
-        Ok(n) => n,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::Moved),
-        Err(e) => return Err(StepError::Read(e)),
-    };
-    counter.inc_by(n as u64);
-    let mut sent = 0;
-    while sent < n {
-        match dst.try_write(&buf[sent..n]) {
-            Ok(k) => sent += k,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                backlog.extend_from_slice(&buf[sent..n]);
-                break;
-            }
-            Err(e) => return Err(StepError::Write(e)),
-        }
-    }
-    Ok(Step::Moved)
 }
