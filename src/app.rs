@@ -32,7 +32,7 @@ use tokio_util::task::TaskTracker;
 use crate::admin::{Admin, AdminState};
 use crate::config::{Config, ConfigDiff};
 use crate::elector::{Elector, Member, Reconfigure};
-use crate::health::{CheckSettings, Checker};
+use crate::health::{self, CheckSettings, Checker};
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, ProxySettings, Shared};
 use crate::signals::{SignalEvent, Signals};
@@ -111,6 +111,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let proxy_addr = listener.local_addr().context("read proxy listener address")?;
     let admin_addr = admin_listener.local_addr().context("read admin listener address")?;
     let password = config.health_password().map_err(anyhow::Error::msg).context("read the health-check password")?;
+    let tls = health::tls_connector(config.health.sslmode, config.health.ca_file.as_deref())
+        .map_err(anyhow::Error::msg)
+        .context("set up TLS for health checks")?;
 
     let names: Vec<String> = config.backend.iter().map(|b| b.name.clone()).collect();
     let metrics = Arc::new(Metrics::new(&names));
@@ -128,6 +131,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let mut sup = Supervisor {
         config: config.clone(),
         password,
+        tls,
         members: Vec::new(),
         next_id: 0,
         checkers: Vec::new(),
@@ -235,6 +239,8 @@ fn proxy_settings(config: &Config) -> ProxySettings {
         leader_wait_timeout: config.proxy.leader_wait_timeout,
         connect_timeout: config.proxy.connect_timeout,
         client_hello_timeout: config.proxy.client_hello_timeout,
+        allow: config.proxy.allow.clone(),
+        access_log: config.log.access,
     }
 }
 
@@ -258,6 +264,7 @@ struct Drain {
 struct Supervisor {
     config: Config,
     password: Option<crate::config::Secret>,
+    tls: Option<postgres_native_tls::MakeTlsConnector>,
     members: Vec<Member>,
     next_id: u32,
     /// One stop token per running checker, by backend.
@@ -298,6 +305,8 @@ impl Supervisor {
                 interval: h.interval,
                 fast_interval: h.fast_interval,
                 timeout: h.timeout,
+                sslmode: h.sslmode,
+                tls: self.tls.clone(),
             },
             reports: self.reports_tx.clone(),
             routing: self.table_rx.clone(),
@@ -360,6 +369,7 @@ impl Supervisor {
     /// Applies a validated config (see the module docs).
     fn apply(&mut self, new: Config) -> Result<ConfigDiff, String> {
         let password = new.health_password()?;
+        let tls = health::tls_connector(new.health.sslmode, new.health.ca_file.as_deref())?;
         let diff = self.config.diff(&new);
         for key in &diff.restart_required {
             tracing::warn!(key, "changed in the config file but needs a restart; keeping the running value");
@@ -371,6 +381,7 @@ impl Supervisor {
         let health_changed = self.config.health != applied.health || self.password != password;
         self.config = applied;
         self.password = password;
+        self.tls = tls;
 
         // Backends keep their id while name and address are unchanged.
         let mut members = Vec::new();

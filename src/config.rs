@@ -129,6 +129,9 @@ pub struct ProxyConfig {
     /// On SIGTERM, how long open sessions may continue before they are closed.
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Client networks allowed to connect (CIDRs); others get 28000. Default: everyone.
+    #[serde(default = "default_allow")]
+    pub allow: Vec<ipnet::IpNet>,
 }
 
 /// `[admin]`: the HTTP listener for /metrics, /healthz, /readyz and /status.
@@ -169,10 +172,28 @@ pub struct HealthConfig {
     pub password_env: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_file: Option<PathBuf>,
+    /// TLS for health checks: `disable`, `prefer`, `require` (encrypted, not verified) or
+    /// `verify-full` (certificate chain against `ca_file`, and the host name).
+    #[serde(default)]
+    pub sslmode: SslMode,
+    /// PEM CA certificate(s) for `sslmode = "verify-full"`; the system roots when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+}
+
+/// `[health] sslmode`, with libpq's meanings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    #[default]
+    Disable,
+    Prefer,
+    Require,
+    VerifyFull,
 }
 
 /// `[log]`.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     /// A tracing filter such as `"info"` or `"pgleader=debug"`; `RUST_LOG` overrides it.
@@ -180,6 +201,11 @@ pub struct LogConfig {
     pub filter: Option<String>,
     #[serde(default)]
     pub format: LogFormat,
+    /// One INFO line per client session (target `pgleader::access`): client address, backend,
+    /// bytes each way, duration and how it ended. Postgres sees pgleader's address, not the
+    /// client's, so this is where client addresses are recorded.
+    #[serde(default = "default_true")]
+    pub access: bool,
 }
 
 /// One `[[backend]]`.
@@ -201,7 +227,7 @@ pub struct RawConfig {
     pub admin: AdminConfig,
     #[serde(default = "default_health")]
     pub health: HealthConfig,
-    #[serde(default)]
+    #[serde(default = "default_log")]
     pub log: LogConfig,
     #[serde(default)]
     pub backend: Vec<toml::Spanned<BackendConfig>>,
@@ -331,6 +357,15 @@ impl RawConfig {
         if p.listen == self.admin.listen && p.listen.port() != 0 {
             problems.push(format!("admin.listen: {} is also proxy.listen", p.listen));
         }
+        if p.allow.is_empty() {
+            problems.push(format!(
+                "proxy.allow{}: an empty list refuses every client; remove the key to allow all",
+                line_of("allow")
+            ));
+        }
+        if h.ca_file.is_some() && h.sslmode != SslMode::VerifyFull {
+            problems.push(format!("health.ca_file{}: only used with sslmode = \"verify-full\"", line_of("ca_file")));
+        }
         if let Some(filter) = &self.log.filter {
             if tracing_subscriber::EnvFilter::try_new(filter).is_err() {
                 problems.push(format!("log.filter{}: `{filter}` is not a valid filter", line_of("filter")));
@@ -427,6 +462,12 @@ fn default_fast_interval() -> Duration {
 fn default_check_timeout() -> Duration {
     Duration::from_millis(800)
 }
+fn default_allow() -> Vec<ipnet::IpNet> {
+    vec![ipnet::IpNet::V4(Default::default()), ipnet::IpNet::V6(Default::default())]
+}
+fn default_true() -> bool {
+    true
+}
 fn default_rise() -> u32 {
     1
 }
@@ -444,6 +485,9 @@ fn default_proxy() -> ProxyConfig {
 }
 fn default_admin() -> AdminConfig {
     toml::from_str("").expect("every [admin] key has a default")
+}
+fn default_log() -> LogConfig {
+    toml::from_str("").expect("every [log] key has a default")
 }
 fn default_health() -> HealthConfig {
     toml::from_str("").expect("every [health] key has a default")
@@ -487,6 +531,22 @@ mod tests {
         assert!(err.contains("backend[1].name (line 8)"), "{err}");
         assert!(err.contains("backend[1].address"), "{err}");
         assert!(err.contains("at most one of password"), "{err}");
+    }
+
+    #[test]
+    fn allow_list_and_tls_settings() {
+        let c = Config::from_toml(MINIMAL, "t").unwrap();
+        assert_eq!(c.proxy.allow.len(), 2, "everyone by default");
+        assert!(c.log.access);
+        assert_eq!(c.health.sslmode, SslMode::Disable);
+        let text = format!("[proxy]\nallow = [\"100.64.0.0/10\", \"127.0.0.1/32\"]\n[health]\nsslmode = \"verify-full\"\nca_file = \"/ca.pem\"\n{MINIMAL}");
+        let c = Config::from_toml(&text, "t").unwrap();
+        assert_eq!(c.proxy.allow[0].to_string(), "100.64.0.0/10");
+        let err =
+            Config::from_toml(&format!("[proxy]\nallow = [\"10.0.0.0/33\"]\n{MINIMAL}"), "t").unwrap_err().to_string();
+        assert!(err.contains("allow") && err.contains("line 2"), "{err}");
+        let err = Config::from_toml(&format!("[health]\nsslmode = \"maybe\"\n{MINIMAL}"), "t").unwrap_err().to_string();
+        assert!(err.contains("sslmode") && err.contains("line 2"), "{err}");
     }
 
     #[test]

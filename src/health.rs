@@ -16,13 +16,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use postgres_native_tls::MakeTlsConnector;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, timeout, Instant};
 use tokio_postgres::{Client, NoTls, Statement};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{HostPort, Secret};
+use crate::config::{HostPort, Secret, SslMode};
 use crate::metrics::Metrics;
 use crate::topology::{BackendId, Observation, Probe, Report, RoutingTable};
 
@@ -36,7 +37,7 @@ const PROBE_SQL: &str = "SELECT r, CASE WHEN r THEN NULL ELSE substr(pg_walfile_
 const SYSTEM_ID_SQL: &str = "SELECT system_identifier FROM pg_control_system()";
 
 /// What one checker needs to know, taken from `[health]` and its `[[backend]]`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone)]
 pub struct CheckSettings {
     pub name: String,
     pub address: HostPort,
@@ -46,6 +47,45 @@ pub struct CheckSettings {
     pub interval: Duration,
     pub fast_interval: Duration,
     pub timeout: Duration,
+    pub sslmode: SslMode,
+    /// The TLS connector for every sslmode but `disable` (built once by `app`).
+    pub tls: Option<MakeTlsConnector>,
+}
+
+/// Builds the TLS connector for `sslmode` (`None` for `disable`): `prefer` and `require` encrypt
+/// without verifying, as libpq does; `verify-full` checks the chain against `ca_file` (or the
+/// system roots) and the host name.
+///
+/// # Errors
+/// `ca_file` cannot be read or holds no certificate; the message names the file.
+pub fn tls_connector(sslmode: SslMode, ca_file: Option<&std::path::Path>) -> Result<Option<MakeTlsConnector>, String> {
+    let mut builder = native_tls::TlsConnector::builder();
+    match sslmode {
+        SslMode::Disable => return Ok(None),
+        SslMode::Prefer | SslMode::Require => {
+            builder.danger_accept_invalid_certs(true).danger_accept_invalid_hostnames(true);
+        }
+        SslMode::VerifyFull => {
+            if let Some(path) = ca_file {
+                let pem = std::fs::read_to_string(path)
+                    .map_err(|e| format!("health.ca_file: cannot read {}: {e}", path.display()))?;
+                let mut found = 0;
+                for block in
+                    pem.split_inclusive("-----END CERTIFICATE-----").filter(|b| b.contains("BEGIN CERTIFICATE"))
+                {
+                    let cert = native_tls::Certificate::from_pem(block.as_bytes())
+                        .map_err(|e| format!("health.ca_file: {} holds an invalid certificate: {e}", path.display()))?;
+                    builder.add_root_certificate(cert);
+                    found += 1;
+                }
+                if found == 0 {
+                    return Err(format!("health.ca_file: {} holds no PEM certificate", path.display()));
+                }
+            }
+        }
+    }
+    let connector = builder.build().map_err(|e| format!("cannot set up TLS for health checks: {e}"))?;
+    Ok(Some(MakeTlsConnector::new(connector)))
 }
 
 /// A checker task for one backend.
@@ -198,8 +238,21 @@ impl Checker {
         if let Some(p) = &s.password {
             cfg.password(p.expose());
         }
-        let (client, connection) = cfg.connect(NoTls).await?;
-        let conn = tokio::spawn(connection);
+        cfg.ssl_mode(match s.sslmode {
+            SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+            SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+            SslMode::Require | SslMode::VerifyFull => tokio_postgres::config::SslMode::Require,
+        });
+        let (client, conn) = match &s.tls {
+            Some(tls) => {
+                let (client, connection) = cfg.connect(tls.clone()).await?;
+                (client, tokio::spawn(connection))
+            }
+            None => {
+                let (client, connection) = cfg.connect(NoTls).await?;
+                (client, tokio::spawn(connection))
+            }
+        };
         let probe = client.prepare(PROBE_SQL).await?;
         let system_id = match client.query_one(SYSTEM_ID_SQL, &[]).await {
             Ok(row) => row.try_get::<_, i64>(0).ok().map(|v| v as u64),

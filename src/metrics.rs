@@ -23,6 +23,8 @@ pub enum SessionResult {
     RefusedLimit,
     /// Not a PostgreSQL first packet: 08P01 / 0A000.
     RefusedProtocol,
+    /// The client's address is not in `[proxy] allow`: 28000.
+    RefusedAddress,
     /// No first packet within `client_hello_timeout`.
     ClientTimeout,
     /// The backend failed after the splice began.
@@ -36,12 +38,13 @@ pub enum SessionResult {
 }
 
 impl SessionResult {
-    pub const ALL: [SessionResult; 10] = [
+    pub const ALL: [SessionResult; 11] = [
         SessionResult::Ok,
         SessionResult::Cut,
         SessionResult::NoLeader,
         SessionResult::RefusedLimit,
         SessionResult::RefusedProtocol,
+        SessionResult::RefusedAddress,
         SessionResult::ClientTimeout,
         SessionResult::BackendError,
         SessionResult::ClientError,
@@ -56,6 +59,7 @@ impl SessionResult {
             SessionResult::NoLeader => "no_leader",
             SessionResult::RefusedLimit => "refused_limit",
             SessionResult::RefusedProtocol => "refused_protocol",
+            SessionResult::RefusedAddress => "refused_address",
             SessionResult::ClientTimeout => "client_timeout",
             SessionResult::BackendError => "backend_error",
             SessionResult::ClientError => "client_error",

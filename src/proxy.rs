@@ -22,10 +22,13 @@
 //! The byte pump itself is in `pump`.
 
 use std::io;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ipnet::IpNet;
+use prometheus::IntCounter;
 use socket2::{SockRef, TcpKeepalive};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -46,7 +49,14 @@ pub struct ProxySettings {
     pub leader_wait_timeout: Duration,
     pub connect_timeout: Duration,
     pub client_hello_timeout: Duration,
+    /// Client networks allowed in; others get 28000.
+    pub allow: Vec<IpNet>,
+    /// Write one `pgleader::access` line per session.
+    pub access_log: bool,
 }
+
+/// How often a long session's byte counts are added to the global counters.
+const BYTES_FLUSH_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Everything connection tasks share; cloned handles only, no locks.
 pub struct Shared {
@@ -88,7 +98,7 @@ impl Proxy {
                     let id = next_id.fetch_add(1, Ordering::Relaxed);
                     let span = tracing::debug_span!("conn", id, %peer);
                     let shared = Arc::clone(&self.shared);
-                    self.tracker.spawn(handle(shared, socket, permit).instrument(span));
+                    self.tracker.spawn(handle(shared, socket, peer, permit).instrument(span));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "accept failed; backing off (raise the file descriptor limit if this is EMFILE)");
@@ -104,13 +114,16 @@ impl Proxy {
 }
 
 /// One client connection, start to finish; counts its result.
-async fn handle(shared: Arc<Shared>, client: TcpStream, permit: Option<OwnedSemaphorePermit>) {
+async fn handle(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, permit: Option<OwnedSemaphorePermit>) {
+    let started = Instant::now();
     tune(&client);
     let settings = shared.settings.borrow().clone();
     let hard_stop = shared.hard_stop.clone();
-    let mut conn = Conn { client, routing: shared.routing.clone(), settings, shared };
+    let allowed = settings.allow.iter().any(|net| net.contains(&peer.ip().to_canonical()));
+    let mut conn = Conn { client, routing: shared.routing.clone(), settings, shared, backend: None, bytes: (0, 0) };
     let work = async {
         match permit {
+            _ if !allowed => conn.refuse_address().await,
             Some(_permit) => conn.serve().await,
             None => conn.refuse_over_limit().await,
         }
@@ -121,8 +134,19 @@ async fn handle(shared: Arc<Shared>, client: TcpStream, permit: Option<OwnedSema
         () = hard_stop.cancelled() => Some(SessionResult::Shutdown),
     };
     if let Some(result) = result {
-        tracing::debug!(result = result.as_str(), "connection closed");
         conn.shared.metrics.session_ended(result);
+        if conn.settings.access_log {
+            tracing::info!(
+                target: "pgleader::access",
+                client = %peer,
+                backend = conn.backend.as_deref().unwrap_or("-"),
+                bytes_up = conn.bytes.0,
+                bytes_down = conn.bytes.1,
+                duration_ms = started.elapsed().as_millis() as u64,
+                result = result.as_str(),
+                "session"
+            );
+        }
     }
 }
 
@@ -143,12 +167,16 @@ enum ReadError {
     Protocol(StartupError),
 }
 
-/// A client connection before the splice.
+/// A client connection.
 struct Conn {
     client: TcpStream,
     routing: watch::Receiver<Arc<RoutingTable>>,
     settings: Arc<ProxySettings>,
     shared: Arc<Shared>,
+    /// The backend the session was spliced to, for the access log.
+    backend: Option<String>,
+    /// Bytes spliced (client to backend, backend to client), for the access log.
+    bytes: (u64, u64),
 }
 
 /// What the client has sent that must be replayed to each backend tried.
@@ -252,6 +280,21 @@ impl Conn {
                 let message = "pgleader: too many client connections (max_connections reached); retry later";
                 self.refuse_after(packet, sqlstate::TOO_MANY_CONNECTIONS, message).await;
                 Some(SessionResult::RefusedLimit)
+            }
+            Err(e) => self.read_failed(e).await,
+        }
+    }
+
+    /// A client outside `[proxy] allow`: 28000 after its first packet.
+    async fn refuse_address(&mut self) -> Option<SessionResult> {
+        let deadline = Instant::now() + self.settings.client_hello_timeout;
+        match self.read_packet(deadline).await {
+            Ok((FirstPacket::CancelRequest { .. }, _)) => Some(SessionResult::RefusedAddress),
+            Ok((packet, _)) => {
+                tracing::info!("refused a client whose address is not in [proxy] allow");
+                let message = "pgleader: this client address is not allowed to connect (see [proxy] allow)";
+                self.refuse_after(packet, sqlstate::INVALID_AUTHORIZATION, message).await;
+                Some(SessionResult::RefusedAddress)
             }
             Err(e) => self.read_failed(e).await,
         }
@@ -427,20 +470,40 @@ impl Conn {
         let active = metrics.sessions_active.with_label_values(&[&name]);
         active.inc();
         tracing::debug!(backend = %name, %address, tls, "spliced");
-        let routing = &mut self.routing;
-        let outcome = tokio::select! {
-            r = pump_both(&self.client, &backend, &metrics.bytes_client_to_backend, &metrics.bytes_backend_to_client) => match r {
-                Ok(()) => SessionResult::Ok,
-                Err(Side::Client(e)) => { tracing::debug!(error = %e, "client connection failed"); SessionResult::ClientError }
-                Err(Side::Backend(e)) => { tracing::info!(backend = %name, error = %e, "backend connection failed"); SessionResult::BackendError }
-            },
-            () = session_cut(routing, id) => {
-                tracing::info!(backend = %name, "session cut: its backend is no longer the leader");
-                SessionResult::Cut
+        // Per-session counters (uncontended atomics) feed the access log; their deltas go to
+        // the global counters every BYTES_FLUSH_INTERVAL and at the end.
+        let up = IntCounter::new("session_up", "bytes").expect("valid counter");
+        let down = IntCounter::new("session_down", "bytes").expect("valid counter");
+        let mut flushed = (0, 0);
+        let mut flush = tokio::time::interval_at(Instant::now() + BYTES_FLUSH_INTERVAL, BYTES_FLUSH_INTERVAL);
+        let pump = pump_both(&self.client, &backend, &up, &down);
+        let cut = session_cut(&mut self.routing, id);
+        tokio::pin!(pump, cut);
+        let outcome = loop {
+            tokio::select! {
+                r = &mut pump => break match r {
+                    Ok(()) => SessionResult::Ok,
+                    Err(Side::Client(e)) => {
+                        tracing::debug!(error = %e, "client connection failed");
+                        SessionResult::ClientError
+                    }
+                    Err(Side::Backend(e)) => {
+                        tracing::info!(backend = %name, error = %e, "backend connection failed");
+                        SessionResult::BackendError
+                    }
+                },
+                () = &mut cut => {
+                    tracing::info!(backend = %name, "session cut: its backend is no longer the leader");
+                    break SessionResult::Cut;
+                }
+                () = self.shared.hard_stop.cancelled() => break SessionResult::Shutdown,
+                _ = flush.tick() => flush_bytes(&metrics, &up, &down, &mut flushed),
             }
-            () = self.shared.hard_stop.cancelled() => SessionResult::Shutdown,
         };
+        flush_bytes(&metrics, &up, &down, &mut flushed);
         active.dec();
+        self.backend = Some(name);
+        self.bytes = flushed;
         outcome
     }
 
@@ -462,6 +525,14 @@ impl Conn {
         }
         SessionResult::CancelForwarded
     }
+}
+
+/// Adds what a session moved since the last flush to the global byte counters.
+fn flush_bytes(metrics: &Metrics, up: &IntCounter, down: &IntCounter, flushed: &mut (u64, u64)) {
+    let (u, d) = (up.get(), down.get());
+    metrics.bytes_client_to_backend.inc_by(u - flushed.0);
+    metrics.bytes_backend_to_client.inc_by(d - flushed.1);
+    *flushed = (u, d);
 }
 
 /// The outcome of one backend attempt.

@@ -79,6 +79,8 @@ struct Process {
     child: Child,
     proxy: SocketAddr,
     admin: SocketAddr,
+    /// Every JSON log line so far.
+    logs: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
 }
 
 impl Drop for Process {
@@ -100,6 +102,8 @@ impl Process {
             .expect("start pgleader");
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
+        let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = std::sync::Arc::clone(&logs);
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 eprintln!("pgleader: {line}");
@@ -107,11 +111,12 @@ impl Process {
                     if let (Some(p), Some(a)) = (v["fields"]["proxy"].as_str(), v["fields"]["admin"].as_str()) {
                         let _ = tx.send((p.parse().unwrap(), a.parse().unwrap()));
                     }
+                    sink.lock().unwrap().push(v);
                 }
             }
         });
         let (proxy, admin) = rx.recv_timeout(Duration::from_secs(30)).expect("pgleader logged its addresses");
-        Process { child, proxy, admin }
+        Process { child, proxy, admin, logs }
     }
 
     fn sigterm(&self) {
@@ -131,7 +136,7 @@ impl Process {
 fn config_for(node: &PgNode, grace: &str) -> tempfile::NamedTempFile {
     write_temp(&format!(
         "[proxy]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"{grace}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
-         [health]\nuser = \"postgres\"\ninterval = \"200ms\"\n[[backend]]\nname = \"db\"\naddress = \"{}\"\n",
+         [health]\nuser = \"postgres\"\npassword = \"hunter2\"\ninterval = \"200ms\"\n[[backend]]\nname = \"db\"\naddress = \"{}\"\n",
         node.addr()
     ))
 }
@@ -167,6 +172,18 @@ async fn sigterm_drains_open_sessions_then_exits_zero() {
     assert!(pgleader.child.try_wait().unwrap().is_none(), "pgleader waits for the open session");
     drop(session);
     assert_eq!(pgleader.wait_exit(Duration::from_secs(20)), 0);
+
+    // One access-log line per session: the client's address, the backend, bytes, how it ended.
+    let access: Vec<serde_json::Value> =
+        pgleader.logs.lock().unwrap().iter().filter(|v| v["target"] == "pgleader::access").cloned().collect();
+    let spliced = access.iter().find(|v| v["fields"]["backend"] == "db").expect("an access line for the session");
+    let f = &spliced["fields"];
+    assert!(f["client"].as_str().unwrap().starts_with("127.0.0.1:"), "{f}");
+    assert_eq!(f["result"], "ok");
+    assert!(f["bytes_up"].as_u64().unwrap() > 0 && f["bytes_down"].as_u64().unwrap() > 0, "{f}");
+    assert!(f["duration_ms"].is_u64());
+    let logged = serde_json::to_string(&*pgleader.logs.lock().unwrap()).unwrap();
+    assert!(!logged.contains("hunter2"), "no secret in the logs");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -75,34 +75,85 @@ async fn sessions_land_on_the_primary_and_writes_succeed() {
     proxy.shutdown().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_runs_end_to_end_with_sslmode_require() {
-    let mut primary = PgNode::start_primary("tls");
-    let dir = primary.datadir();
+/// A self-signed certificate for 127.0.0.1 in `dir` (server.crt, server.key), owned like the
+/// data directory so the server can read it.
+fn self_signed(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+    let (crt, key) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
     let made = Command::new("openssl")
-        .args(["req", "-new", "-x509", "-days", "1", "-nodes", "-subj", "/CN=127.0.0.1", "-out"])
-        .arg(dir.join("server.crt"))
+        .args(["req", "-new", "-x509", "-days", "1", "-nodes", "-subj", "/CN=127.0.0.1"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-out"])
+        .arg(&crt)
         .arg("-keyout")
-        .arg(dir.join("server.key"))
+        .arg(&key)
         .output()
         .expect("run openssl (apt-get install openssl)");
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
-    let chown = Command::new("chown")
-        .arg("--reference")
-        .arg(dir.join("PG_VERSION"))
-        .arg(dir.join("server.crt"))
-        .arg(dir.join("server.key"))
-        .status();
+    let chown = Command::new("chown").arg("--reference").arg(dir.join("PG_VERSION")).arg(&crt).arg(&key).status();
     assert!(chown.unwrap().success());
-    std::fs::set_permissions(dir.join("server.key"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    crt
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_runs_end_to_end_and_health_checks_can_verify_the_server() {
+    let mut primary = PgNode::start_primary("tls");
+    let dir = primary.datadir();
+    let ca = self_signed(&dir, "server");
+    let other_ca = self_signed(&dir, "other");
     primary.append_conf("ssl = on\n");
     primary.stop();
     primary.start();
-    let proxy = ProxyBuilder::new(&[&primary]).start().await;
+
+    // Health checks over verified TLS; the client's TLS runs end to end through the splice.
+    let proxy = ProxyBuilder::new(&[&primary])
+        .health("sslmode", "verify-full")
+        .health("ca_file", ca.to_str().unwrap())
+        .start()
+        .await;
     wait_leader(proxy.admin_addr, Some("tls")).await;
     let out = psql_via(proxy.proxy_addr, "sslmode=require", "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "t", "the session must be encrypted end to end");
+    let health_ssl = primary.sql_ok(
+        "postgres",
+        "SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.application_name = 'pgleader-health'",
+    );
+    assert_eq!(health_ssl, "t", "the health connection is encrypted");
+    proxy.shutdown().await.unwrap();
+
+    // A server whose certificate the CA did not sign is never trusted, so never routed.
+    let proxy = ProxyBuilder::new(&[&primary])
+        .health("sslmode", "verify-full")
+        .health("ca_file", other_ca.to_str().unwrap())
+        .start()
+        .await;
+    let s = common::eventually(Duration::from_secs(20), "untrusted backend down", || async {
+        let s = status(proxy.admin_addr).await;
+        (s["backends"][0]["role"] == "down").then_some(s)
+    })
+    .await;
+    let error = s["backends"][0]["last_error"].as_str().unwrap();
+    assert!(error.contains("certificate"), "{error}");
+    assert_eq!(s["leader"], serde_json::Value::Null);
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_outside_the_allow_list_get_28000() {
+    let primary = PgNode::start_primary("allow");
+    let proxy = ProxyBuilder::new(&[&primary]).proxy("allow", "[\"10.0.0.0/8\"]").start().await;
+    wait_leader(proxy.admin_addr, Some("allow")).await;
+    let err = connect_via(proxy.proxy_addr, "postgres").await.expect_err("127.0.0.1 is not allowed");
+    let db = err.as_db_error().expect("an ErrorResponse");
+    assert_eq!(db.code().code(), "28000");
+    let out = psql_via(proxy.proxy_addr, "", "SELECT 1");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not allowed"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(metric(proxy.admin_addr, "pgleader_sessions_total{result=\"refused_address\"}").await, Some(2.0));
+    proxy.shutdown().await.unwrap();
+
+    let proxy = ProxyBuilder::new(&[&primary]).proxy("allow", "[\"10.0.0.0/8\", \"127.0.0.1/32\"]").start().await;
+    wait_leader(proxy.admin_addr, Some("allow")).await;
+    connect_via(proxy.proxy_addr, "postgres").await.expect("127.0.0.1/32 is allowed");
     proxy.shutdown().await.unwrap();
 }
 
