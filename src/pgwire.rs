@@ -327,14 +327,14 @@ mod tests {
             let mut v = ((12 + secret_len) as u32).to_be_bytes().to_vec();
             v.extend_from_slice(&CANCEL_REQUEST_CODE.to_be_bytes());
             v.extend_from_slice(&42u32.to_be_bytes());
-            v.extend(std::iter::repeat(7).take(secret_len));
+            v.extend(std::iter::repeat_n(7, secret_len));
             let (p, used) = parse_first_packet(&v).unwrap().unwrap();
             assert_eq!(used, v.len());
             assert_eq!(p, FirstPacket::CancelRequest { pid: 42, secret: vec![7; secret_len] });
         }
         let mut too_long = (12 + 257u32).to_be_bytes().to_vec();
         too_long.extend_from_slice(&CANCEL_REQUEST_CODE.to_be_bytes());
-        too_long.extend(std::iter::repeat(0).take(261));
+        too_long.extend(std::iter::repeat_n(0, 261));
         assert!(parse_first_packet(&too_long).is_err());
     }
 
