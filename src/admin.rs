@@ -14,6 +14,7 @@
 //! against the stop token so a drain ends cleanly.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -24,11 +25,14 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::topology::RoutingTable;
+
+/// A reload request from `POST /reload`: the reply is a summary or the error.
+pub type AdminReload = oneshot::Sender<Result<String, String>>;
 
 /// What the handlers read.
 pub struct AdminState {
@@ -38,6 +42,8 @@ pub struct AdminState {
     pub draining: CancellationToken,
     /// Increases with every applied reload.
     pub config_generation: Arc<AtomicU64>,
+    /// To the supervisor, which re-reads the config file.
+    pub reload: mpsc::Sender<AdminReload>,
 }
 
 /// The admin listener's accept loop.
@@ -56,7 +62,7 @@ impl Admin {
                 () = self.stop.cancelled() => return,
                 r = self.listener.accept() => r,
             };
-            let (stream, _peer) = match accepted {
+            let (stream, peer) = match accepted {
                 Ok(a) => a,
                 Err(e) => {
                     tracing::warn!(error = %e, "admin accept failed");
@@ -69,7 +75,7 @@ impl Admin {
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
                     let state = Arc::clone(&state);
-                    async move { Ok::<_, Infallible>(handle(&state, &req)) }
+                    async move { Ok::<_, Infallible>(handle(&state, &req, peer).await) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
                 tokio::select! {
@@ -81,12 +87,38 @@ impl Admin {
     }
 }
 
-/// Routes one request. Pure apart from reading the shared handles, so tests call it directly.
-pub fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    route(state, req.method(), req.uri().path())
+/// Routes one request; tests call it without a socket through [`route`] and [`reload`].
+pub async fn handle(state: &AdminState, req: &Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+    match (req.method(), req.uri().path()) {
+        (&Method::POST, "/reload") => reload(state, peer).await,
+        (method, path) => route(state, method, path),
+    }
 }
 
-fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<Bytes>> {
+/// `POST /reload`: re-reads the config file. Mutating, so loopback peers only: the admin port may
+/// listen on a routable address for Prometheus and Nomad checks.
+pub async fn reload(state: &AdminState, peer: SocketAddr) -> Response<Full<Bytes>> {
+    if !peer.ip().to_canonical().is_loopback() {
+        return text(StatusCode::FORBIDDEN, "forbidden: /reload is accepted from loopback only; use SIGHUP\n");
+    }
+    let (tx, rx) = oneshot::channel();
+    if state.reload.send(tx).await.is_err() {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
+    }
+    match rx.await {
+        Ok(Ok(summary)) => text(StatusCode::OK, &format!("reloaded: {summary}\n")),
+        Ok(Err(e)) => {
+            text(StatusCode::BAD_REQUEST, &format!("reload rejected, the previous configuration stays: {e}\n"))
+        }
+        Err(_) => text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
+    }
+}
+
+/// The read-only endpoints.
+pub fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<Bytes>> {
+    if path == "/reload" {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed: use POST /reload\n");
+    }
     if method != Method::GET && method != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
     }
@@ -203,6 +235,7 @@ mod tests {
             metrics: Arc::new(Metrics::new(&["a".to_owned()])),
             draining: CancellationToken::new(),
             config_generation: Arc::new(AtomicU64::new(1)),
+            reload: mpsc::channel(1).0,
         }
     }
 
@@ -256,6 +289,26 @@ mod tests {
         assert_eq!(v["backends"][0]["timeline"], 3);
         assert_eq!(v["backends"][0]["system_identifier"], u64::MAX.to_string());
         assert_eq!(v["config_generation"], 1);
+    }
+
+    #[tokio::test]
+    async fn reload_is_refused_from_non_loopback_peers() {
+        let s = state_with(RoutingTable::initial());
+        let remote: SocketAddr = "100.83.150.39:40000".parse().unwrap();
+        let rsp = reload(&s, remote).await;
+        let (code, text) = tokio::task::spawn_blocking(move || body(rsp)).await.unwrap();
+        assert_eq!(code, StatusCode::FORBIDDEN, "{text}");
+        let (tx, mut rx) = mpsc::channel::<AdminReload>(1);
+        let s = AdminState { reload: tx, ..s };
+        tokio::spawn(async move {
+            if let Some(reply) = rx.recv().await {
+                let _ = reply.send(Err("bad key".into()));
+            }
+        });
+        let rsp = reload(&s, "127.0.0.1:1".parse().unwrap()).await;
+        let (code, text) = tokio::task::spawn_blocking(move || body(rsp)).await.unwrap();
+        assert_eq!(code, StatusCode::BAD_REQUEST);
+        assert!(text.contains("bad key"));
     }
 
     #[test]

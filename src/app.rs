@@ -29,7 +29,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admin::{Admin, AdminState};
+use crate::admin::{Admin, AdminReload, AdminState};
 use crate::config::{Config, ConfigDiff};
 use crate::elector::{Elector, Member, Reconfigure};
 use crate::health::{self, CheckSettings, Checker};
@@ -44,8 +44,7 @@ pub struct Running {
     pub proxy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     draining: CancellationToken,
-    reload_tx: mpsc::Sender<(Config, oneshot::Sender<Result<ConfigDiff, String>>)>,
-    metrics: Arc<Metrics>,
+    reload_tx: mpsc::Sender<ReloadRequest>,
     supervisor: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
@@ -72,18 +71,12 @@ impl Running {
         self.wait().await
     }
 
-    /// Reads, validates and applies a config file; counts the result either way.
+    /// Re-reads the config file pgleader was started with ([`start_with_file`]) and applies it.
     ///
     /// # Errors
     /// The file is invalid or cannot be applied; the running config is untouched.
-    pub async fn reload_file(&self, path: &std::path::Path) -> Result<ConfigDiff, String> {
-        match Config::load(path) {
-            Ok(config) => self.reload(config).await,
-            Err(e) => {
-                self.metrics.config_reloads.with_label_values(&["error"]).inc();
-                Err(e.to_string())
-            }
-        }
+    pub async fn reload_file(&self) -> Result<ConfigDiff, String> {
+        request_reload(&self.reload_tx, ReloadSource::File).await
     }
 
     /// Applies a new, already validated config; returns what changed.
@@ -91,17 +84,43 @@ impl Running {
     /// # Errors
     /// pgleader is stopping, or the config could not be applied (the old one keeps running).
     pub async fn reload(&self, config: Config) -> Result<ConfigDiff, String> {
-        let (tx, rx) = oneshot::channel();
-        self.reload_tx.send((config, tx)).await.map_err(|_| "pgleader is shutting down".to_owned())?;
-        rx.await.map_err(|_| "pgleader is shutting down".to_owned())?
+        request_reload(&self.reload_tx, ReloadSource::Config(Box::new(config))).await
     }
 }
 
-/// Binds, spawns everything, and returns at once.
+/// Where a reload takes its configuration from.
+enum ReloadSource {
+    /// The file pgleader was started with.
+    File,
+    Config(Box<Config>),
+}
+
+type ReloadRequest = (ReloadSource, oneshot::Sender<Result<ConfigDiff, String>>);
+
+async fn request_reload(tx: &mpsc::Sender<ReloadRequest>, source: ReloadSource) -> Result<ConfigDiff, String> {
+    let (reply, rx) = oneshot::channel();
+    tx.send((source, reply)).await.map_err(|_| "pgleader is shutting down".to_owned())?;
+    rx.await.map_err(|_| "pgleader is shutting down".to_owned())?
+}
+
+/// Binds, spawns everything, and returns at once. Without a file, `POST /reload` and SIGHUP are
+/// refused; [`Running::reload`] still works.
 ///
 /// # Errors
 /// A listener cannot be bound, or the health-check password cannot be read.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
+    start_inner(config, None).await
+}
+
+/// [`start`] for a config read from `path`, which SIGHUP and `POST /reload` re-read.
+///
+/// # Errors
+/// As [`start`].
+pub async fn start_with_file(config: Config, path: PathBuf) -> anyhow::Result<Running> {
+    start_inner(config, Some(path)).await
+}
+
+async fn start_inner(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<Running> {
     let listener = TcpListener::bind(config.proxy.listen)
         .await
         .with_context(|| format!("bind proxy listener {}", config.proxy.listen))?;
@@ -122,6 +141,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let (reconfigure_tx, reconfigure_rx) = mpsc::channel(4);
     let (settings_tx, settings_rx) = watch::channel(Arc::new(proxy_settings(&config)));
     let (reload_tx, reload_rx) = mpsc::channel(4);
+    let (admin_reload_tx, admin_reload_rx) = mpsc::channel(4);
     let draining = CancellationToken::new();
     let background = CancellationToken::new();
     let hard_stop = CancellationToken::new();
@@ -130,6 +150,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
     let mut sup = Supervisor {
         config: config.clone(),
+        config_path,
         password,
         tls,
         members: Vec::new(),
@@ -170,6 +191,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             metrics: Arc::clone(&metrics),
             draining: draining.clone(),
             config_generation,
+            reload: admin_reload_tx,
         }),
         stop: background.clone(),
     };
@@ -195,9 +217,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     tracing::info!(proxy = %proxy_addr, admin = %admin_addr, backends = ?names, "pgleader started");
 
     let drain = Drain { draining: draining.clone(), hard_stop, tracker, accept_loop };
-    let sup_metrics = Arc::clone(&sup.metrics);
-    let supervisor = tokio::spawn(sup.run(drain, reload_rx));
-    Ok(Running { proxy_addr, admin_addr, draining, reload_tx, metrics: sup_metrics, supervisor })
+    let supervisor = tokio::spawn(sup.run(drain, reload_rx, admin_reload_rx));
+    Ok(Running { proxy_addr, admin_addr, draining, reload_tx, supervisor })
 }
 
 /// Runs pgleader until SIGTERM/SIGINT, reloading `config_path` on SIGHUP. Used by `main`.
@@ -206,7 +227,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 /// Startup failed, or a background task ended unexpectedly.
 pub async fn run_with_signals(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     let mut signals = Signals::install().context("install signal handlers")?;
-    let running = start(config).await?;
+    let running = start_with_file(config, config_path).await?;
     loop {
         tokio::select! {
             event = signals.recv() => match event {
@@ -215,10 +236,8 @@ pub async fn run_with_signals(config: Config, config_path: PathBuf) -> anyhow::R
                     running.begin_shutdown();
                     break;
                 }
-                SignalEvent::Reload => match running.reload_file(&config_path).await {
-                    Ok(diff) => tracing::info!(changed = ?diff.hot, "configuration reloaded"),
-                    Err(e) => tracing::error!(error = %e, "reload rejected; the previous configuration stays"),
-                },
+                // The supervisor logs and counts the result.
+                SignalEvent::Reload => drop(running.reload_file().await),
             },
             () = running.draining.cancelled() => break,
         }
@@ -263,6 +282,8 @@ struct Drain {
 /// Owns the background tasks, applies reloads, and runs the drain.
 struct Supervisor {
     config: Config,
+    /// The file reloads re-read, if pgleader was started from one.
+    config_path: Option<PathBuf>,
     password: Option<crate::config::Secret>,
     tls: Option<postgres_native_tls::MakeTlsConnector>,
     members: Vec<Member>,
@@ -322,7 +343,8 @@ impl Supervisor {
     async fn run(
         mut self,
         drain: Drain,
-        mut reload_rx: mpsc::Receiver<(Config, oneshot::Sender<Result<ConfigDiff, String>>)>,
+        mut reload_rx: mpsc::Receiver<ReloadRequest>,
+        mut admin_reload_rx: mpsc::Receiver<AdminReload>,
     ) -> anyhow::Result<()> {
         let mut failure = None;
         loop {
@@ -335,10 +357,11 @@ impl Supervisor {
                     drain.draining.cancel();
                     break;
                 }
-                Some((config, reply)) = reload_rx.recv() => {
-                    let result = self.apply(config);
-                    let label = if result.is_ok() { "ok" } else { "error" };
-                    self.metrics.config_reloads.with_label_values(&[label]).inc();
+                Some((source, reply)) = reload_rx.recv() => {
+                    let _ = reply.send(self.reload(source));
+                }
+                Some(reply) = admin_reload_rx.recv() => {
+                    let result = self.reload(ReloadSource::File).map(|diff| format!("{diff:?}"));
                     let _ = reply.send(result);
                 }
             }
@@ -364,6 +387,26 @@ impl Supervisor {
             Some(what) => anyhow::bail!("internal failure: {what}"),
             None => Ok(()),
         }
+    }
+
+    /// Reads the new config, applies it, logs and counts the result.
+    fn reload(&mut self, source: ReloadSource) -> Result<ConfigDiff, String> {
+        let result = match source {
+            ReloadSource::Config(config) => self.apply(*config),
+            ReloadSource::File => match &self.config_path {
+                None => Err("pgleader was started without a config file; nothing to re-read".to_owned()),
+                Some(path) => Config::load(path).map_err(|e| e.to_string()).and_then(|c| self.apply(c)),
+            },
+        };
+        match &result {
+            Ok(diff) => {
+                tracing::info!(changed = ?diff.hot, restart_required = ?diff.restart_required, "configuration reloaded");
+            }
+            Err(e) => tracing::error!(error = %e, "reload rejected; the previous configuration stays"),
+        }
+        let label = if result.is_ok() { "ok" } else { "error" };
+        self.metrics.config_reloads.with_label_values(&[label]).inc();
+        result
     }
 
     /// Applies a validated config (see the module docs).

@@ -197,3 +197,24 @@ async fn sigterm_cuts_sessions_left_at_the_end_of_the_grace_period() {
     assert_eq!(pgleader.wait_exit(Duration::from_secs(20)), 0);
     assert!(session.simple_query("SELECT 1").await.is_err(), "the session was closed at the deadline");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_config_file() {
+    let primary = PgNode::start_primary("hup");
+    let config = config_for(&primary, "1s");
+    let pgleader = Process::start(config.path());
+    wait_ready(pgleader.admin).await;
+    let session = connect_via(pgleader.proxy, "postgres").await.unwrap();
+    let extra = format!("[[backend]]\nname = \"spare\"\naddress = \"127.0.0.1:{}\"\n", common::free_port());
+    let text = std::fs::read_to_string(config.path()).unwrap() + &extra;
+    std::fs::write(config.path(), text).unwrap();
+    kill(Pid::from_raw(pgleader.child.id() as i32), Signal::SIGHUP).unwrap();
+    common::eventually(Duration::from_secs(20), "spare backend listed", || async {
+        let s = common::proxy::status(pgleader.admin).await;
+        (s["backends"][1]["name"] == "spare").then_some(())
+    })
+    .await;
+    assert_eq!(common::proxy::metric(pgleader.admin, "pgleader_config_reloads_total{result=\"ok\"}").await, Some(1.0));
+    session.simple_query("SELECT 1").await.expect("the session survives the reload");
+    assert!(get(pgleader.admin, "/readyz").await.0 == 200);
+}
