@@ -8,6 +8,9 @@
 //!   `config_generation`, and per backend its role, routability, timeline, system identifier,
 //!   check counters and last error. No secrets are ever part of it.
 //! - `/metrics`: the Prometheus text format.
+//! - `/`: an HTML status page (the HAProxy stats page equivalent), rendered on the server from the
+//!   same snapshot as `/status` and refreshing itself; see `admin/page.rs`.
+//! - `POST /reload`: re-read the config file; loopback peers only.
 //!
 //! Readiness is derived (table has a leader, drain token not cancelled), never stored. Handlers
 //! hold only read-only handles; the server runs on the main runtime, and each connection is raced
@@ -135,78 +138,109 @@ pub fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<B
                 ),
             }
         }
-        "/status" => {
-            let table = state.routing.borrow().clone();
-            let body =
-                status_json(&table, state.draining.is_cancelled(), state.config_generation.load(Ordering::Relaxed));
-            with_type(StatusCode::OK, body, "application/json")
-        }
+        "/status" => with_type(StatusCode::OK, status_json(state), "application/json"),
+        "/" => with_type(StatusCode::OK, crate::admin::page::render(&snapshot(state)), "text/html; charset=utf-8"),
         "/metrics" => with_type(StatusCode::OK, state.metrics.encode(), "text/plain; version=0.0.4"),
         _ => text(StatusCode::NOT_FOUND, "not found: try /status, /metrics, /healthz or /readyz\n"),
     }
 }
 
+/// Everything `/status` and the status page show, taken from one table snapshot.
 #[derive(Serialize)]
-struct Status<'a> {
-    leader: Option<&'a str>,
-    reason: &'static str,
-    reason_text: &'static str,
-    split_brain: bool,
-    epoch: u64,
-    draining: bool,
-    config_generation: u64,
-    backends: Vec<BackendStatus<'a>>,
+pub struct Status {
+    pub leader: Option<String>,
+    pub reason: &'static str,
+    pub reason_text: &'static str,
+    pub split_brain: bool,
+    pub epoch: u64,
+    pub draining: bool,
+    pub config_generation: u64,
+    pub backends: Vec<BackendStatus>,
+    /// Recent leader changes, oldest first.
+    pub events: Vec<Event>,
 }
 
 #[derive(Serialize)]
-struct BackendStatus<'a> {
-    name: &'a str,
-    address: &'a str,
-    role: &'static str,
-    routable: bool,
-    leader: bool,
-    timeline: Option<u32>,
+pub struct BackendStatus {
+    pub name: String,
+    pub address: String,
+    pub role: &'static str,
+    pub routable: bool,
+    pub leader: bool,
+    pub timeline: Option<u32>,
     /// A string: 64-bit identifiers do not fit a JSON number safely.
-    system_identifier: Option<String>,
-    last_error: Option<&'a str>,
-    checks_total: u64,
-    failures_total: u64,
-    consecutive_successes: u32,
-    consecutive_failures: u32,
-    connection_lost: bool,
+    pub system_identifier: Option<String>,
+    pub last_error: Option<String>,
+    pub last_check_ms: Option<f64>,
+    pub checks_total: u64,
+    pub failures_total: u64,
+    pub consecutive_successes: u32,
+    pub consecutive_failures: u32,
+    pub connection_lost: bool,
+    pub sessions_active: i64,
 }
 
-/// The `/status` document.
-pub fn status_json(table: &RoutingTable, draining: bool, config_generation: u64) -> Vec<u8> {
-    let status = Status {
-        leader: table.leader_view().map(|b| b.name.as_str()),
+#[derive(Serialize)]
+pub struct Event {
+    pub at_unix_ms: u64,
+    pub epoch: u64,
+    pub from: Option<String>,
+    pub to: Option<String>,
+    pub reason: &'static str,
+    pub reason_text: &'static str,
+}
+
+/// Reads the current table once and assembles the status.
+pub fn snapshot(state: &AdminState) -> Status {
+    let table: Arc<RoutingTable> = state.routing.borrow().clone();
+    Status {
+        leader: table.leader_view().map(|b| b.name.clone()),
         reason: table.reason.as_str(),
         reason_text: table.reason.describe(),
         split_brain: table.reason.is_split_brain(),
         epoch: table.epoch,
-        draining,
-        config_generation,
+        draining: state.draining.is_cancelled(),
+        config_generation: state.config_generation.load(Ordering::Relaxed),
         backends: table
             .backends
             .iter()
             .map(|b| BackendStatus {
-                name: &b.name,
-                address: &b.address,
+                name: b.name.clone(),
+                address: b.address.clone(),
                 role: b.role.as_str(),
                 routable: b.routable,
                 leader: table.leader == Some(b.id),
                 timeline: b.state.last_probe.and_then(|p| p.timeline),
                 system_identifier: b.state.last_probe.and_then(|p| p.system_id).map(|s| s.to_string()),
-                last_error: b.state.last_error.as_deref(),
+                last_error: b.state.last_error.clone(),
+                last_check_ms: b.state.last_check_latency.map(|d| d.as_secs_f64() * 1000.0),
                 checks_total: b.state.checks_total,
                 failures_total: b.state.failures_total,
                 consecutive_successes: b.state.ok_streak,
                 consecutive_failures: b.state.fail_streak,
                 connection_lost: b.state.lost,
+                sessions_active: state.metrics.sessions_active.with_label_values(&[&b.name]).get(),
             })
             .collect(),
-    };
-    let mut body = serde_json::to_vec_pretty(&status).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}").into_bytes());
+        events: table
+            .history
+            .iter()
+            .map(|e| Event {
+                at_unix_ms: e.at_unix_ms,
+                epoch: e.epoch,
+                from: e.from.clone(),
+                to: e.to.clone(),
+                reason: e.reason.as_str(),
+                reason_text: e.reason.describe(),
+            })
+            .collect(),
+    }
+}
+
+/// The `/status` document.
+pub fn status_json(state: &AdminState) -> Vec<u8> {
+    let mut body =
+        serde_json::to_vec_pretty(&snapshot(state)).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}").into_bytes());
     body.push(b'\n');
     body
 }
@@ -221,6 +255,8 @@ fn with_type(status: StatusCode, body: Vec<u8>, content_type: &'static str) -> R
     rsp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     rsp
 }
+
+mod page;
 
 #[cfg(test)]
 mod tests {
@@ -289,6 +325,11 @@ mod tests {
         assert_eq!(v["backends"][0]["timeline"], 3);
         assert_eq!(v["backends"][0]["system_identifier"], u64::MAX.to_string());
         assert_eq!(v["config_generation"], 1);
+        assert_eq!(v["backends"][0]["sessions_active"], 0);
+        assert_eq!(v["events"].as_array().unwrap().len(), 0);
+        let (code, html) = body(route(&s, &Method::GET, "/"));
+        assert_eq!(code, StatusCode::OK);
+        assert!(html.contains("Leader: a") && html.contains("127.0.0.1:5432"), "{html}");
     }
 
     #[tokio::test]

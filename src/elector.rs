@@ -7,14 +7,16 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::topology::{self, Backend, BackendId, BackendState, Observation, Policy, Report, Role, RoutingTable};
+use crate::topology::{
+    self, Backend, BackendId, BackendState, LeaderChange, Observation, Policy, Report, Role, RoutingTable, HISTORY_LEN,
+};
 
 /// One backend the elector knows.
 #[derive(Debug, Clone)]
@@ -59,7 +61,10 @@ impl Elector {
                         member.recheck.notify_one();
                     }
                     let state = states.entry(report.backend).or_default();
-                    let next = state.observe(&report.observation, report.at);
+                    let mut next = state.observe(&report.observation, report.at);
+                    if report.latency.is_some() {
+                        next.last_check_latency = report.latency;
+                    }
                     self.log_flip(member, state, &next);
                     *state = next;
                 }
@@ -86,8 +91,19 @@ impl Elector {
             })
             .collect();
         let prev = self.table_tx.borrow().clone();
-        let next = topology::decide(&prev, &ordered, &self.policy, Instant::now().into_std());
+        let mut next = topology::decide(&prev, &ordered, &self.policy, Instant::now().into_std());
         self.log_decision(&prev, &next);
+        if prev.leader != next.leader || prev.reason != next.reason {
+            next.history.push(LeaderChange {
+                at_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+                epoch: next.epoch,
+                from: prev.leader_view().map(|b| b.name.clone()),
+                to: next.leader_view().map(|b| b.name.clone()),
+                reason: next.reason,
+            });
+            let excess = next.history.len().saturating_sub(HISTORY_LEN);
+            next.history.drain(..excess);
+        }
         self.update_metrics(&next);
         self.table_tx.send_if_modified(|current| {
             let wake = current.routing_differs(&next);

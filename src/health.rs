@@ -269,9 +269,12 @@ impl Checker {
     /// Sends one observation; `false` when the elector is gone.
     async fn report(&self, outcome: Outcome, started: Instant) -> bool {
         let name = self.settings.name.as_str();
+        let mut latency = None;
         let (observation, result) = match outcome {
             Outcome::Probe(p) => {
-                self.metrics.health_check_duration.with_label_values(&[name]).observe(started.elapsed().as_secs_f64());
+                let took = started.elapsed();
+                self.metrics.health_check_duration.with_label_values(&[name]).observe(took.as_secs_f64());
+                latency = Some(took);
                 (Observation::Checked(p), "ok")
             }
             Outcome::Failed(error) => {
@@ -284,7 +287,7 @@ impl Checker {
             }
         };
         self.metrics.health_checks.with_label_values(&[name, result]).inc();
-        let report = Report { backend: self.id, observation, at: Instant::now().into_std() };
+        let report = Report { backend: self.id, observation, at: Instant::now().into_std(), latency };
         self.reports.send(report).await.is_ok()
     }
 }

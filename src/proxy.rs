@@ -380,8 +380,12 @@ impl Conn {
                 Attempt::ClientGone => return Some(SessionResult::ClientError),
                 Attempt::BackendFailed(error) => {
                     tracing::info!(backend = %leader.name, %error, "leader did not take the client; retrying on the next route");
-                    let report =
-                        Report { backend: id, observation: Observation::Lost { error }, at: Instant::now().into_std() };
+                    let report = Report {
+                        backend: id,
+                        observation: Observation::Lost { error },
+                        at: Instant::now().into_std(),
+                        latency: None,
+                    };
                     // Never block a client on the elector: if its queue is full, checks catch up.
                     let _ = self.shared.reports.try_send(report);
                     after_failure = true;

@@ -67,7 +67,23 @@ pub struct Report {
     pub backend: BackendId,
     pub observation: Observation,
     pub at: Instant,
+    /// How long a successful check took (for `/status`).
+    pub latency: Option<Duration>,
 }
+
+/// One leader change, kept in the table's recent history for `/status` and the status page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderChange {
+    /// Wall-clock time, milliseconds since the Unix epoch.
+    pub at_unix_ms: u64,
+    pub epoch: u64,
+    pub from: Option<String>,
+    pub to: Option<String>,
+    pub reason: Reason,
+}
+
+/// How many leader changes the table remembers.
+pub const HISTORY_LEN: usize = 20;
 
 /// The role a backend shows in `/status` and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -110,6 +126,8 @@ pub struct BackendState {
     /// The latest failure, phrased for an operator.
     pub last_error: Option<String>,
     pub observed_at: Option<Instant>,
+    /// Duration of the latest successful check.
+    pub last_check_latency: Option<Duration>,
 }
 
 impl BackendState {
@@ -260,6 +278,8 @@ pub struct RoutingTable {
     pub backends: Vec<BackendView>,
     /// The highest timeline seen per system identifier; carried from table to table.
     pub max_timelines: BTreeMap<Option<u64>, u32>,
+    /// Recent leader changes, oldest first; appended by the elector, carried by [`decide`].
+    pub history: Vec<LeaderChange>,
 }
 
 impl RoutingTable {
@@ -271,6 +291,7 @@ impl RoutingTable {
             epoch: 0,
             backends: Vec::new(),
             max_timelines: BTreeMap::new(),
+            history: Vec::new(),
         }
     }
 
@@ -352,7 +373,7 @@ pub fn decide(prev: &RoutingTable, backends: &[Backend], policy: &Policy, now: I
         }
     }
     let epoch = if leader != prev.leader { prev.epoch + 1 } else { prev.epoch };
-    RoutingTable { leader, reason, epoch, backends: views, max_timelines }
+    RoutingTable { leader, reason, epoch, backends: views, max_timelines, history: prev.history.clone() }
 }
 
 #[cfg(test)]
