@@ -181,7 +181,8 @@ impl PatroniNode {
     /// # Errors
     /// Whatever the connect returns.
     pub async fn connect_superuser(&self, dbname: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-        let (client, conn) = self.pg_config(SUPERUSER, SUPERUSER_PASSWORD, dbname).connect(tokio_postgres::NoTls).await?;
+        let (client, conn) =
+            self.pg_config(SUPERUSER, SUPERUSER_PASSWORD, dbname).connect(tokio_postgres::NoTls).await?;
         tokio::spawn(conn);
         Ok(client)
     }
@@ -262,7 +263,8 @@ fn wait_gone(pid: i32, patience: Duration) {
     let deadline = std::time::Instant::now() + patience;
     while std::time::Instant::now() < deadline {
         let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok();
-        let alive = state.is_some_and(|s| s.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')));
+        let alive =
+            state.is_some_and(|s| s.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')));
         if !alive {
             return;
         }
@@ -308,8 +310,7 @@ impl PatroniCluster {
         let pg_bin = super::pg::pg_bin();
         let dir = tempfile::Builder::new().prefix("pgleader-patroni-").tempdir().expect("tempdir");
         let scope = format!("pgl-{}", std::process::id());
-        let mut cluster =
-            PatroniCluster { replication, scope, nodes: Vec::new(), etcd: Vec::new(), venv, dir };
+        let mut cluster = PatroniCluster { replication, scope, nodes: Vec::new(), etcd: Vec::new(), venv, dir };
 
         cluster.start_etcd(&etcd_bin);
         let hosts = cluster.etcd.iter().map(|m| format!("127.0.0.1:{}", m.client_port)).collect::<Vec<_>>().join(",");
@@ -324,7 +325,8 @@ impl PatroniCluster {
                 patroni: None,
                 frozen: Vec::new(),
             };
-            std::fs::write(node.config_path(), cluster.patroni_yaml(&node, &hosts, &pg_bin)).expect("write patroni.yml");
+            std::fs::write(node.config_path(), cluster.patroni_yaml(&node, &hosts, &pg_bin))
+                .expect("write patroni.yml");
             cluster.nodes.push(node);
         }
         chown_tree(cluster.dir.path());
@@ -486,16 +488,16 @@ impl PatroniCluster {
         self.node_mut(name).kill_all();
     }
 
-    /// Graceful stop: SIGTERM to Patroni, which stops PostgreSQL and releases its leader key.
-    pub fn stop_node(&mut self, name: &str) {
+    /// Graceful stop: SIGTERM to Patroni, which stops PostgreSQL (fast shutdown) and releases
+    /// its leader key. Waits (async, bounded) for Patroni to exit, then kills whatever is left.
+    pub async fn stop_node(&mut self, name: &str) {
         let node = self.node_mut(name);
         node.thaw();
         if let Some(pid) = node.patroni_pid() {
             let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-            let deadline = std::time::Instant::now() + Duration::from_secs(60);
-            let child = node.patroni.as_mut().expect("patroni child");
-            while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while node.patroni_pid().is_some() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
         node.kill_all(); // whatever is left (nothing, normally)
@@ -542,7 +544,8 @@ impl PatroniCluster {
             if !node.frozen.is_empty() {
                 continue;
             }
-            let Ok(Ok((200, body))) = tokio::time::timeout(Duration::from_secs(1), http_get(node.api_addr(), "/cluster")).await
+            let Ok(Ok((200, body))) =
+                tokio::time::timeout(Duration::from_secs(1), http_get(node.api_addr(), "/cluster")).await
             else {
                 continue;
             };
@@ -617,6 +620,21 @@ impl PatroniCluster {
             format!("CREATE ROLE {HEALTH_USER} LOGIN PASSWORD '{HEALTH_PASSWORD}' IN ROLE pg_monitor"),
         ] {
             client.batch_execute(&sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+        }
+        // The replica must have replayed the roles before anyone logs in there (pgleader's
+        // health check would otherwise start with a 28P01 on it).
+        for node in &self.nodes {
+            eventually(PATIENCE, &format!("{} knows the {HEALTH_USER} role", node.name), || async {
+                let (c, conn) = node
+                    .pg_config(HEALTH_USER, HEALTH_PASSWORD, "postgres")
+                    .connect(tokio_postgres::NoTls)
+                    .await
+                    .ok()?;
+                drop(c);
+                drop(conn);
+                Some(())
+            })
+            .await;
         }
     }
 

@@ -142,6 +142,19 @@ impl Outcome {
     }
 }
 
+/// How far an attempt got: the step it was in when it ended (for a success: `Insert`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// TCP connect and the startup/authentication exchange, up to ReadyForQuery.
+    #[default]
+    Connect,
+    /// The identity query (`inet_server_port()`, `pg_is_in_recovery()`) on a fresh session.
+    Identify,
+    /// The INSERT.
+    Insert,
+}
+
 /// One attempt of one writer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Attempt {
@@ -152,6 +165,9 @@ pub struct Attempt {
     pub start_ms: f64,
     pub end_ms: f64,
     pub outcome: Outcome,
+    /// Where it ended: a failure in `Connect` is a failed connection attempt; later ones are a
+    /// session that broke after it was established.
+    pub phase: Phase,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sqlstate: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -295,12 +311,21 @@ struct WriterCtx {
 /// What an attempt learned before it failed or succeeded.
 #[derive(Default)]
 struct Seen {
+    phase: Phase,
     node_port: Option<u16>,
     in_recovery: Option<bool>,
 }
 
 impl WriterCtx {
-    fn record(&self, writer: Writer, id: i64, start: Instant, seen: &Seen, connected: bool, result: Result<(), Failure>) {
+    fn record(
+        &self,
+        writer: Writer,
+        id: i64,
+        start: Instant,
+        seen: &Seen,
+        connected: bool,
+        result: Result<(), Failure>,
+    ) {
         let (outcome, sqlstate, message) = match result {
             Ok(()) => (Outcome::Ok, None, None),
             Err(f) => (f.outcome, f.sqlstate, Some(f.message)),
@@ -311,6 +336,7 @@ impl WriterCtx {
             start_ms: (start - self.started).as_secs_f64() * 1000.0,
             end_ms: ms_since(self.started),
             outcome,
+            phase: seen.phase,
             sqlstate,
             message,
             node_port: seen.node_port,
@@ -323,7 +349,9 @@ impl WriterCtx {
     async fn connect(&self, seen: &mut Seen) -> Result<tokio_postgres::Client, Failure> {
         let (client, conn) = self.opts.pg_config().connect(tokio_postgres::NoTls).await.map_err(Failure::from)?;
         tokio::spawn(conn);
-        let row = client.query_one("SELECT inet_server_port(), pg_is_in_recovery()", &[]).await.map_err(Failure::from)?;
+        seen.phase = Phase::Identify;
+        let row =
+            client.query_one("SELECT inet_server_port(), pg_is_in_recovery()", &[]).await.map_err(Failure::from)?;
         seen.node_port = row.get::<_, Option<i32>>(0).and_then(|p| u16::try_from(p).ok());
         seen.in_recovery = Some(row.get(1));
         Ok(client)
@@ -348,6 +376,7 @@ impl WriterCtx {
             let mut seen = Seen::default();
             let attempt = async {
                 let client = self.connect(&mut seen).await?;
+                seen.phase = Phase::Insert;
                 Self::insert(&client, id, Writer::NewConn).await
             };
             let result = tokio::select! {
@@ -384,7 +413,7 @@ impl WriterCtx {
                 r = tokio::time::timeout(self.opts.attempt_timeout, attempt) => r.unwrap_or_else(|_| Err(Failure::timeout())),
             };
             let seen = match &session {
-                Some((_, s)) => Seen { node_port: s.node_port, in_recovery: s.in_recovery },
+                Some((_, s)) => Seen { phase: Phase::Insert, node_port: s.node_port, in_recovery: s.in_recovery },
                 None => fresh,
             };
             let failed = result.is_err();
@@ -587,15 +616,16 @@ impl Run {
 
     /// One CSV line per attempt, with a header.
     pub fn to_csv(&self) -> String {
-        let mut s = String::from("writer,id,start_ms,end_ms,outcome,sqlstate,node_port,in_recovery,connected\n");
+        let mut s = String::from("writer,id,start_ms,end_ms,outcome,phase,sqlstate,node_port,in_recovery,connected\n");
         for a in &self.attempts {
             s.push_str(&format!(
-                "{},{},{:.1},{:.1},{},{},{},{},{}\n",
+                "{},{},{:.1},{:.1},{},{:?},{},{},{},{}\n",
                 a.writer,
                 a.id,
                 a.start_ms,
                 a.end_ms,
                 a.outcome.label(),
+                a.phase,
                 a.sqlstate.as_deref().unwrap_or(""),
                 a.node_port.map(|p| p.to_string()).unwrap_or_default(),
                 a.in_recovery.map(|r| r.to_string()).unwrap_or_default(),
