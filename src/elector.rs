@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::topology::{
-    self, Backend, BackendId, BackendState, LeaderChange, Observation, Policy, Report, Role, RoutingTable, HISTORY_LEN,
+    self, Backend, BackendId, BackendState, LeaderChange, Policy, Report, Role, RoutingTable, Source, HISTORY_LEN,
 };
 
 /// One backend the elector knows.
@@ -57,7 +57,7 @@ impl Elector {
                 () = self.cancel.cancelled() => return,
                 Some(report) = self.reports.recv() => {
                     let Some(member) = self.members.iter().find(|m| m.id == report.backend) else { continue };
-                    if matches!(report.observation, Observation::Lost { .. }) {
+                    if report.source == Source::Client {
                         member.recheck.notify_one();
                     }
                     let state = states.entry(report.backend).or_default();

@@ -10,6 +10,10 @@
 //! - the connection ended by itself (EOF, reset, the server terminating us):
 //!   [`Observation::Lost`] at once, then an immediate re-check (a reconnect).
 //!
+//! - a client could not be connected (the elector pokes `recheck`): the established connection
+//!   is dropped and the check runs on a new one, since an old connection can outlive what new
+//!   clients meet (a smart shutdown answers 57P03 to new connections only).
+//!
 //! Connect failures back off from `fast_interval` doubling up to the check interval; while there is
 //! no leader the check interval *is* `fast_interval`, so a promotion is seen within ~100 ms.
 
@@ -25,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{HostPort, Secret, SslMode};
 use crate::metrics::Metrics;
-use crate::topology::{BackendId, Observation, Probe, Report, RoutingTable};
+use crate::topology::{BackendId, Observation, Probe, Report, RoutingTable, Source};
 
 /// The probe. `pg_is_in_recovery()` is read once (the subquery with a volatile function is not
 /// flattened), so the timeline column cannot disagree with it; `pg_walfile_name` raises an error
@@ -118,6 +122,15 @@ impl Drop for Session {
     }
 }
 
+/// Why a checker woke up between checks.
+enum Wake {
+    Timer,
+    /// A client could not be connected to this backend.
+    ClientFailed,
+    /// The health connection ended by itself.
+    Lost(String),
+}
+
 /// The result of one check attempt.
 enum Outcome {
     Probe(Probe),
@@ -149,18 +162,23 @@ impl Checker {
             }
             let delay = self.next_delay(connect_failures);
             let has_leader = self.has_leader();
-            let lost = tokio::select! {
+            let wake = tokio::select! {
                 () = self.cancel.cancelled() => return,
-                () = sleep(delay) => None,
-                () = self.recheck.notified() => None,
-                lost = wait_lost(&mut session) => Some(lost),
+                () = sleep(delay) => Wake::Timer,
+                () = self.recheck.notified() => Wake::ClientFailed,
+                lost = wait_lost(&mut session) => Wake::Lost(lost),
                 // A leader just disappeared: switch to fast checks at once.
-                Ok(_) = self.routing.wait_for(|t| t.leader.is_none()), if has_leader => None,
+                Ok(_) = self.routing.wait_for(|t| t.leader.is_none()), if has_leader => Wake::Timer,
             };
-            if let Some(lost) = lost {
-                session = None;
-                if !self.report(Outcome::Lost(lost), Instant::now()).await {
-                    return;
+            match wake {
+                Wake::Timer => {}
+                // Check what a new client would meet: a new connection.
+                Wake::ClientFailed => session = None,
+                Wake::Lost(lost) => {
+                    session = None;
+                    if !self.report(Outcome::Lost(lost), Instant::now()).await {
+                        return;
+                    }
                 }
             }
         }
@@ -287,7 +305,13 @@ impl Checker {
             }
         };
         self.metrics.health_checks.with_label_values(&[name, result]).inc();
-        let report = Report { backend: self.id, observation, at: Instant::now().into_std(), latency };
+        let report = Report {
+            backend: self.id,
+            observation,
+            at: Instant::now().into_std(),
+            latency,
+            source: Source::HealthCheck,
+        };
         self.reports.send(report).await.is_ok()
     }
 }

@@ -41,7 +41,7 @@ use tracing::Instrument;
 use crate::metrics::{Metrics, SessionResult};
 use crate::pgwire::{self, sqlstate, BackendReply, FirstPacket, StartupError};
 use crate::pump::{pump_both, Side};
-use crate::topology::{BackendId, Observation, Report, RoutingTable};
+use crate::topology::{BackendId, Observation, Report, RoutingTable, Source};
 
 /// The `[proxy]` settings a connection uses, read once when it is accepted.
 #[derive(Debug, Clone, PartialEq)]
@@ -385,6 +385,7 @@ impl Conn {
                         observation: Observation::Lost { error },
                         at: Instant::now().into_std(),
                         latency: None,
+                        source: Source::Client,
                     };
                     // Never block a client on the elector: if its queue is full, checks catch up.
                     let _ = self.shared.reports.try_send(report);

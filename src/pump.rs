@@ -1,18 +1,33 @@
 //! The byte pump: the hot path of every session, after the startup phase.
 //!
-//! It holds no buffer while idle: it waits for readiness, then moves bytes through a stack buffer
-//! in a synchronous step (so the buffer is not part of the session's future); only bytes the
-//! destination cannot take yet are copied to the heap, and that copy is freed once written.
-//! No locks, no logging, no allocation per message; the byte counters are atomics.
+//! It holds no buffer while idle: it waits for readiness, then moves bytes through the worker
+//! thread's scratch buffer in a synchronous step (so the buffer is not part of the session's
+//! future); only bytes the destination cannot take yet are copied to the heap, and that copy is
+//! freed once written. No locks, no logging, no allocation per message; the byte counters are
+//! atomics.
+//!
+//! Per message, in each direction, it costs one `recv` and one `send`: a short read proves the
+//! socket drained (epoll is edge-triggered), so the read readiness is cleared without the extra
+//! `recv` that would only return `EAGAIN` — what tokio's own `poll_read` does. The scratch buffer
+//! is allocated and zeroed once per worker thread, not per step. Profiles and the measurements
+//! behind these choices are in docs/performance.md.
 
-use std::io;
+use std::cell::RefCell;
+use std::io::{self, Read};
 
 use prometheus::IntCounter;
 use socket2::SockRef;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-/// Bytes moved per synchronous pump step (a stack buffer, never held while idle).
+/// Bytes moved per synchronous pump step.
 const PUMP_CHUNK: usize = 64 * 1024;
+
+thread_local! {
+    /// The scratch buffer of one runtime worker thread; borrowed only inside `step`, which never
+    /// awaits, so one per thread is enough and no session holds it while idle.
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; PUMP_CHUNK].into_boxed_slice());
+}
 
 /// Which side of the splice failed.
 #[derive(Debug)]
@@ -48,6 +63,14 @@ pub async fn pump_both(
     Ok(())
 }
 
+/// Bytes read but not yet written: only while the destination is backed up.
+#[derive(Default)]
+struct Backlog {
+    bytes: Vec<u8>,
+    /// How much of `bytes` is already written.
+    sent: usize,
+}
+
 /// One direction. Holds no buffer while idle: see the module docs.
 async fn pump(
     src: &TcpStream,
@@ -56,15 +79,15 @@ async fn pump(
     src_err: fn(io::Error) -> Side,
     dst_err: fn(io::Error) -> Side,
 ) -> Result<(), Side> {
-    let mut backlog: Vec<u8> = Vec::new();
+    let mut backlog = Backlog::default();
     loop {
-        if !backlog.is_empty() {
+        if !backlog.bytes.is_empty() {
             dst.writable().await.map_err(dst_err)?;
-            match dst.try_write(&backlog) {
+            match write_some(dst, &backlog.bytes[backlog.sent..]) {
                 Ok(n) => {
-                    backlog.drain(..n);
-                    if backlog.is_empty() {
-                        backlog = Vec::new();
+                    backlog.sent += n;
+                    if backlog.sent == backlog.bytes.len() {
+                        backlog = Backlog::default();
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -73,7 +96,7 @@ async fn pump(
             continue;
         }
         src.readable().await.map_err(src_err)?;
-        match step(src, dst, &mut backlog, counter) {
+        match step(src, dst, &mut backlog.bytes, counter) {
             Ok(Step::Moved) => {}
             Ok(Step::Eof) => {
                 let _ = SockRef::from(dst).shutdown(std::net::Shutdown::Write);
@@ -95,26 +118,69 @@ enum StepError {
     Write(io::Error),
 }
 
-/// Synchronous, so its buffer lives on the thread's stack, not in the session's future.
+/// One read from `src` and as much of it written to `dst` as it takes now; the rest goes to
+/// `backlog`. Synchronous, so the scratch buffer is never held across an await.
 fn step(src: &TcpStream, dst: &TcpStream, backlog: &mut Vec<u8>, counter: &IntCounter) -> Result<Step, StepError> {
-    let mut buf = [0u8; PUMP_CHUNK];
-    let n = match src.try_read(&mut buf) {
-        Ok(0) => return Ok(Step::Eof),
-        Ok(n) => n,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::Moved),
-        Err(e) => return Err(StepError::Read(e)),
-    };
-    counter.inc_by(n as u64);
-    let mut sent = 0;
-    while sent < n {
-        match dst.try_write(&buf[sent..n]) {
-            Ok(k) => sent += k,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                backlog.extend_from_slice(&buf[sent..n]);
-                break;
+    SCRATCH.with(|scratch| {
+        let mut buf = scratch.borrow_mut();
+        let n = match read_some(src, &mut buf) {
+            Ok(0) => return Ok(Step::Eof),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::Moved),
+            Err(e) => return Err(StepError::Read(e)),
+        };
+        counter.inc_by(n as u64);
+        let mut sent = 0;
+        while sent < n {
+            match write_some(dst, &buf[sent..n]) {
+                Ok(k) => sent += k,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    backlog.extend_from_slice(&buf[sent..n]);
+                    break;
+                }
+                Err(e) => return Err(StepError::Write(e)),
             }
-            Err(e) => return Err(StepError::Write(e)),
         }
+        Ok(Step::Moved)
+    })
+}
+
+/// One `recv`. A short read means the socket is drained (edge-triggered epoll), so the read
+/// readiness is cleared now instead of by a further `recv` returning `EAGAIN`: tokio's
+/// `PollEvented::poll_read` relies on the same fact. A FIN or an event that arrives after the
+/// `recv` sets the readiness again (tokio clears only the readiness it had observed, and keeps
+/// the closed state).
+fn read_some(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = None;
+    let r = src.try_io(Interest::READABLE, || {
+        let n = (&*SockRef::from(src)).read(buf)?;
+        got = Some(n);
+        if 0 < n && n < buf.len() {
+            // Not an error: tells try_io to clear the read readiness (see above).
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match (r, got) {
+        (Err(e), Some(n)) if e.kind() == io::ErrorKind::WouldBlock => Ok(n),
+        (r, _) => r,
     }
-    Ok(Step::Moved)
+}
+
+/// One `send`. A short write means the send buffer is full, so the write readiness is cleared at
+/// once, as tokio's `poll_write` does.
+fn write_some(dst: &TcpStream, buf: &[u8]) -> io::Result<usize> {
+    let mut put = None;
+    let r = dst.try_io(Interest::WRITABLE, || {
+        let n = io::Write::write(&mut &*SockRef::from(dst), buf)?;
+        put = Some(n);
+        if 0 < n && n < buf.len() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match (r, put) {
+        (Err(e), Some(n)) if e.kind() == io::ErrorKind::WouldBlock => Ok(n),
+        (r, _) => r,
+    }
 }

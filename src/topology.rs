@@ -69,6 +69,18 @@ pub struct Report {
     pub at: Instant,
     /// How long a successful check took (for `/status`).
     pub latency: Option<Duration>,
+    pub source: Source,
+}
+
+/// Who made an observation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The backend's own health checker.
+    HealthCheck,
+    /// A client connection that the backend refused, reset or answered 57P03: the checker must
+    /// re-check on a *new* connection, since its established one can outlive what clients see
+    /// (a smart shutdown keeps existing sessions while refusing new ones).
+    Client,
 }
 
 /// One leader change, kept in the table's recent history for `/status` and the status page.

@@ -184,3 +184,54 @@ async fn without_a_leader_clients_wait_then_get_57p03_and_a_leader_that_appears_
     assert_eq!(metric(proxy.admin_addr, "pgleader_clients_waiting").await, Some(0.0));
     proxy.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_refuses_new_connections_with_57p03_is_skipped_without_the_client_noticing() {
+    let cluster = PgCluster::start();
+    let proxy =
+        ProxyBuilder::new(&[&cluster.primary, &cluster.replica]).proxy("leader_wait_timeout", "60s").start().await;
+    wait_leader(proxy.admin_addr, Some("primary")).await;
+    // An open session keeps the smart shutdown pending; pgleader's health connection, opened
+    // before it, keeps answering "primary" too — only new connections meet 57P03.
+    let session = connect_via(proxy.proxy_addr, "postgres").await.unwrap();
+    cluster.primary.begin_smart_shutdown();
+    let refused = cluster.primary.psql("postgres", &["-c", "SELECT 1"]);
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("shutting down"), "the server refuses new clients");
+    assert_eq!(status(proxy.admin_addr).await["leader"], "primary", "pgleader has not noticed yet");
+
+    // A new client is routed to the primary, meets 57P03 there, and waits instead of failing.
+    let addr = proxy.proxy_addr;
+    let waiting = tokio::spawn(async move { connect_via(addr, "postgres").await });
+    let s = wait_leader(proxy.admin_addr, None).await;
+    assert!(s["backends"][0]["last_error"].as_str().unwrap().contains("57P03"), "{}", s["backends"][0]);
+    assert_eq!(metric(proxy.admin_addr, "pgleader_clients_waiting").await, Some(1.0));
+    cluster.replica.promote();
+    let client = waiting.await.unwrap().expect("released to the new leader, never shown the 57P03");
+    let port: String = client.query_one("SELECT current_setting('port')", &[]).await.unwrap().get(0);
+    assert_eq!(port, cluster.replica.port().to_string());
+    assert_eq!(metric(proxy.admin_addr, "pgleader_sessions_total{result=\"no_leader\"}").await, Some(0.0));
+    drop(session);
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_arriving_during_a_crash_are_held_and_released_to_the_promoted_replica() {
+    let mut cluster = PgCluster::start();
+    let proxy =
+        ProxyBuilder::new(&[&cluster.primary, &cluster.replica]).proxy("leader_wait_timeout", "60s").start().await;
+    wait_leader(proxy.admin_addr, Some("primary")).await;
+    cluster.primary.stop_immediate();
+    wait_leader(proxy.admin_addr, None).await;
+    let addr = proxy.proxy_addr;
+    let clients: Vec<_> = (0..5).map(|_| tokio::spawn(async move { connect_via(addr, "postgres").await })).collect();
+    common::eventually(Duration::from_secs(20), "clients waiting", || async {
+        (metric(proxy.admin_addr, "pgleader_clients_waiting").await == Some(5.0)).then_some(())
+    })
+    .await;
+    cluster.replica.promote();
+    for c in clients {
+        let client = c.await.unwrap().expect("every held client connects");
+        assert!(!client.query_one("SELECT pg_is_in_recovery()", &[]).await.unwrap().get::<_, bool>(0));
+    }
+    proxy.shutdown().await.unwrap();
+}

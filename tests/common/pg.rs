@@ -221,6 +221,12 @@ impl PgNode {
         self.running = false;
     }
 
+    /// Starts a *smart* shutdown and returns at once: the server refuses new connections with
+    /// 57P03 ("the database system is shutting down") while existing sessions go on.
+    pub fn begin_smart_shutdown(&self) {
+        run_ok(pg_command("pg_ctl").args(["-W", "-m", "smart", "-D"]).arg(self.datadir()).arg("stop"));
+    }
+
     /// `pg_ctl promote` without waiting for it to finish.
     pub fn promote_nowait(&self) {
         run_ok(pg_command("pg_ctl").args(["-W", "-D"]).arg(self.datadir()).arg("promote"));
