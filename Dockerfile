@@ -23,6 +23,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY benches ./benches
+COPY examples ./examples
 RUN cargo build --release --locked --bin pgleader \
  && install -D -m 0755 target/release/pgleader /out/pgleader
 

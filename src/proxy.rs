@@ -123,9 +123,9 @@ async fn handle(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, permit
     let mut conn = Conn { client, routing: shared.routing.clone(), settings, shared, backend: None, bytes: (0, 0) };
     let work = async {
         match permit {
-            _ if !allowed => conn.refuse_address().await,
+            _ if !allowed => conn.refuse_new(Refusal::Address).await,
             Some(_permit) => conn.serve().await,
-            None => conn.refuse_over_limit().await,
+            None => conn.refuse_new(Refusal::OverLimit).await,
         }
     };
     // The splice races `hard_stop` itself; this covers clients still in their startup phase.
@@ -155,6 +155,12 @@ fn tune(stream: &TcpStream) {
     let _ = stream.set_nodelay(true);
     let keepalive = TcpKeepalive::new().with_time(Duration::from_secs(60)).with_interval(Duration::from_secs(10));
     let _ = SockRef::from(stream).set_tcp_keepalive(&keepalive);
+}
+
+/// Why a client is refused before it is routed.
+enum Refusal {
+    OverLimit,
+    Address,
 }
 
 /// Why reading a client's packet ended without one.
@@ -270,31 +276,29 @@ impl Conn {
         }
     }
 
-    /// Over `max_connections`: answer the first packet with 53300 and close.
-    async fn refuse_over_limit(&mut self) -> Option<SessionResult> {
+    /// A client refused before routing (over `max_connections`, or outside `[proxy] allow`): its
+    /// first packet is read and answered with the refusal's SQLSTATE, then the connection closes.
+    /// Logged at DEBUG: under a flood, the metric and its alert speak, not one line per client.
+    async fn refuse_new(&mut self, refusal: Refusal) -> Option<SessionResult> {
+        let (code, message, result) = match refusal {
+            Refusal::OverLimit => (
+                sqlstate::TOO_MANY_CONNECTIONS,
+                "pgleader: too many client connections (max_connections reached); retry later",
+                SessionResult::RefusedLimit,
+            ),
+            Refusal::Address => (
+                sqlstate::INVALID_AUTHORIZATION,
+                "pgleader: this client address is not allowed to connect (see [proxy] allow)",
+                SessionResult::RefusedAddress,
+            ),
+        };
         let deadline = Instant::now() + self.settings.client_hello_timeout;
         match self.read_packet(deadline).await {
-            Ok((FirstPacket::CancelRequest { .. }, _)) => Some(SessionResult::RefusedLimit),
+            Ok((FirstPacket::CancelRequest { .. }, _)) => Some(result),
             Ok((packet, _)) => {
-                tracing::warn!("refused a client: max_connections reached");
-                let message = "pgleader: too many client connections (max_connections reached); retry later";
-                self.refuse_after(packet, sqlstate::TOO_MANY_CONNECTIONS, message).await;
-                Some(SessionResult::RefusedLimit)
-            }
-            Err(e) => self.read_failed(e).await,
-        }
-    }
-
-    /// A client outside `[proxy] allow`: 28000 after its first packet.
-    async fn refuse_address(&mut self) -> Option<SessionResult> {
-        let deadline = Instant::now() + self.settings.client_hello_timeout;
-        match self.read_packet(deadline).await {
-            Ok((FirstPacket::CancelRequest { .. }, _)) => Some(SessionResult::RefusedAddress),
-            Ok((packet, _)) => {
-                tracing::info!("refused a client whose address is not in [proxy] allow");
-                let message = "pgleader: this client address is not allowed to connect (see [proxy] allow)";
-                self.refuse_after(packet, sqlstate::INVALID_AUTHORIZATION, message).await;
-                Some(SessionResult::RefusedAddress)
+                tracing::debug!(result = result.as_str(), "refused a client");
+                self.refuse_after(packet, code, message).await;
+                Some(result)
             }
             Err(e) => self.read_failed(e).await,
         }
