@@ -133,3 +133,12 @@ pub async fn metric(admin: SocketAddr, series: &str) -> Option<f64> {
     let (_, body) = get(admin, "/metrics").await;
     body.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
 }
+
+/// Waits until a series reaches at least `want` and returns its value. Session results are
+/// counted when pgleader finishes with a connection, a moment after the client has seen the end.
+pub async fn metric_at_least(admin: SocketAddr, series: &str, want: f64) -> f64 {
+    super::eventually(Duration::from_secs(10), &format!("{series} >= {want}"), || async {
+        metric(admin, series).await.filter(|v| *v >= want)
+    })
+    .await
+}
