@@ -102,3 +102,24 @@ fn metric_extraction_is_not_fooled() {
         ["pgleader_leader_wait_seconds", "pgleader_sessions_total", "pgleader_leader_count"].map(String::from).into();
     assert_eq!(names, want, "a non-histogram's _count stays as is (and is then reported as unknown)");
 }
+
+/// The metric families a live pgleader in front of a real PostgreSQL exports (`# TYPE` lines).
+async fn live_metric_families() -> BTreeSet<String> {
+    let primary = crate::common::pg::PgNode::start_primary("metrics");
+    let proxy = crate::common::proxy::ProxyBuilder::new(&[&primary]).start().await;
+    crate::common::proxy::wait_leader(proxy.admin_addr, Some("metrics")).await;
+    let (code, body) = crate::common::proxy::get(proxy.admin_addr, "/metrics").await;
+    assert_eq!(code, 200);
+    proxy.shutdown().await.unwrap();
+    body.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split_whitespace().next().map(str::to_owned)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_metrics_exist_on_a_live_pgleader() {
+    let live = live_metric_families().await;
+    let dashboard: serde_json::Value = serde_json::from_str(&read("deploy/grafana/pgleader.json")).unwrap();
+    let missing: Vec<String> = dashboard_metric_names(&dashboard).difference(&live).cloned().collect();
+    assert!(missing.is_empty(), "the dashboard queries metrics a live pgleader does not export: {missing:?}");
+    let listed: BTreeSet<String> = EXPORTED_METRICS.iter().map(|s| (*s).to_owned()).collect();
+    assert_eq!(listed, live, "EXPORTED_METRICS must match what pgleader exports");
+}
