@@ -2,7 +2,8 @@
 //!
 //! Each accepted connection runs in its own task (the accept loop never awaits a client):
 //! 1. Admission: a permit from the `max_connections` semaphore; without one the client's first
-//!    packet is answered with 53300. Clients still in the startup phase hold a permit.
+//!    packet is answered with 53300 (at most `REFUSALS_IN_FLIGHT` such answers at once; past that
+//!    the connection is closed unanswered). Clients still in the startup phase hold a permit.
 //! 2. First packet within `client_hello_timeout` (10,000-byte limit, parsed by `pgwire`):
 //!    GSSENCRequest is answered `N` once; CancelRequest is forwarded to the current leader and
 //!    the connection closed; SSLRequest and StartupMessage are routed. Garbage gets 08P01
@@ -55,6 +56,18 @@ pub struct ProxySettings {
     pub access_log: bool,
 }
 
+/// Clients over `max_connections` that are read and answered 53300 at the same time; more are
+/// closed without a word, so a flood cannot grow the task count without bound.
+const REFUSALS_IN_FLIGHT: usize = 256;
+
+/// What a connection was admitted as; the permit is held for the connection's life.
+enum Admission {
+    /// Counts toward `max_connections`.
+    Client(OwnedSemaphorePermit),
+    /// Over the limit: only answered with 53300.
+    Refusal(OwnedSemaphorePermit),
+}
+
 /// How often a long session's byte counts are added to the global counters.
 const BYTES_FLUSH_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -86,6 +99,7 @@ impl Proxy {
     pub async fn run(self) {
         let next_id = AtomicU64::new(1);
         let mut backoff = Duration::from_millis(10);
+        let refusals = Arc::new(Semaphore::new(REFUSALS_IN_FLIGHT));
         loop {
             let accepted = tokio::select! {
                 () = self.stop_accepting.cancelled() => return,
@@ -94,7 +108,17 @@ impl Proxy {
             match accepted {
                 Ok((socket, peer)) => {
                     backoff = Duration::from_millis(10);
-                    let permit = Arc::clone(&self.limit).try_acquire_owned().ok();
+                    let permit = match Arc::clone(&self.limit).try_acquire_owned() {
+                        Ok(p) => Admission::Client(p),
+                        // Refusals are bounded too: past REFUSALS_IN_FLIGHT, close at once.
+                        Err(_) => match Arc::clone(&refusals).try_acquire_owned() {
+                            Ok(p) => Admission::Refusal(p),
+                            Err(_) => {
+                                self.shared.metrics.session_ended(SessionResult::RefusedLimit);
+                                continue;
+                            }
+                        },
+                    };
                     let id = next_id.fetch_add(1, Ordering::Relaxed);
                     let span = tracing::debug_span!("conn", id, %peer);
                     let shared = Arc::clone(&self.shared);
@@ -114,7 +138,7 @@ impl Proxy {
 }
 
 /// One client connection, start to finish; counts its result.
-async fn handle(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, permit: Option<OwnedSemaphorePermit>) {
+async fn handle(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, admission: Admission) {
     let started = Instant::now();
     tune(&client);
     let settings = shared.settings.borrow().clone();
@@ -122,10 +146,10 @@ async fn handle(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, permit
     let allowed = settings.allow.iter().any(|net| net.contains(&peer.ip().to_canonical()));
     let mut conn = Conn { client, routing: shared.routing.clone(), settings, shared, backend: None, bytes: (0, 0) };
     let work = async {
-        match permit {
+        match admission {
             _ if !allowed => conn.refuse_new(Refusal::Address).await,
-            Some(_permit) => conn.serve().await,
-            None => conn.refuse_new(Refusal::OverLimit).await,
+            Admission::Client(_permit) => conn.serve().await,
+            Admission::Refusal(_permit) => conn.refuse_new(Refusal::OverLimit).await,
         }
     };
     // The splice races `hard_stop` itself; this covers clients still in their startup phase.
