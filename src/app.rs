@@ -24,14 +24,14 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{Admin, AdminReload, AdminState};
 use crate::config::{Config, ConfigDiff};
-use crate::elector::{Elector, Member, Reconfigure};
+use crate::elector::{Elector, Member, Membership};
 use crate::health::{self, CheckSettings, Checker};
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, ProxySettings, Shared};
@@ -138,7 +138,6 @@ async fn start_inner(config: Config, config_path: Option<PathBuf>) -> anyhow::Re
     let metrics = Arc::new(Metrics::new(&names));
     let (table_tx, table_rx) = watch::channel(Arc::new(RoutingTable::initial()));
     let (reports_tx, reports_rx) = mpsc::channel::<Report>(1024);
-    let (reconfigure_tx, reconfigure_rx) = mpsc::channel(4);
     let (settings_tx, settings_rx) = watch::channel(Arc::new(proxy_settings(&config)));
     let (reload_tx, reload_rx) = mpsc::channel(4);
     let (admin_reload_tx, admin_reload_rx) = mpsc::channel(4);
@@ -148,18 +147,26 @@ async fn start_inner(config: Config, config_path: Option<PathBuf>) -> anyhow::Re
     let limit = Arc::new(Semaphore::new(config.proxy.max_connections));
     let config_generation = Arc::new(AtomicU64::new(1));
 
+    let members: Vec<Member> = config
+        .backend
+        .iter()
+        .zip(0..)
+        .map(|(b, i)| Member::new(BackendId(i), &b.name, &b.address.to_string()))
+        .collect();
+    let (membership_tx, membership_rx) =
+        watch::channel(Arc::new(Membership { members: members.clone(), policy: policy(&config) }));
     let mut sup = Supervisor {
         config: config.clone(),
         config_path,
         password,
         tls,
-        members: Vec::new(),
-        next_id: 0,
+        members: members.clone(),
+        next_id: members.len() as u32,
         checkers: Vec::new(),
         tasks: JoinSet::new(),
         reports_tx: reports_tx.clone(),
         table_rx: table_rx.clone(),
-        reconfigure_tx,
+        membership_tx,
         settings_tx,
         limit: Arc::clone(&limit),
         current_max: config.proxy.max_connections,
@@ -167,19 +174,10 @@ async fn start_inner(config: Config, config_path: Option<PathBuf>) -> anyhow::Re
         background: background.clone(),
         config_generation: Arc::clone(&config_generation),
     };
-    sup.members = config.backend.iter().map(|b| sup.new_member(&b.name, &b.address.to_string())).collect();
-    for m in sup.members.clone() {
-        sup.spawn_checker(&m);
+    for m in &members {
+        sup.spawn_checker(m);
     }
-    let elector = Elector {
-        members: sup.members.clone(),
-        policy: policy(&config),
-        reports: reports_rx,
-        reconfigure: reconfigure_rx,
-        table_tx,
-        metrics: Arc::clone(&metrics),
-        cancel: background.clone(),
-    };
+    let elector = Elector::new(membership_rx, reports_rx, table_tx, Arc::clone(&metrics), background.clone());
     sup.tasks.spawn(async move {
         elector.run().await;
         "elector"
@@ -293,7 +291,8 @@ struct Supervisor {
     tasks: JoinSet<&'static str>,
     reports_tx: mpsc::Sender<Report>,
     table_rx: watch::Receiver<Arc<RoutingTable>>,
-    reconfigure_tx: mpsc::Sender<Reconfigure>,
+    /// The elector's backend set and policy.
+    membership_tx: watch::Sender<Arc<Membership>>,
     settings_tx: watch::Sender<Arc<ProxySettings>>,
     limit: Arc<Semaphore>,
     /// The size `limit` was last set to.
@@ -305,10 +304,10 @@ struct Supervisor {
 }
 
 impl Supervisor {
+    /// A member with an id never used before.
     fn new_member(&mut self, name: &str, address: &str) -> Member {
-        let id = BackendId(self.next_id);
         self.next_id += 1;
-        Member { id, name: name.to_owned(), address: address.to_owned(), recheck: Arc::new(Notify::new()) }
+        Member::new(BackendId(self.next_id - 1), name, address)
     }
 
     fn spawn_checker(&mut self, member: &Member) {
@@ -458,7 +457,7 @@ impl Supervisor {
         for m in &restart {
             self.spawn_checker(m);
         }
-        let _ = self.reconfigure_tx.try_send(Reconfigure { members, policy: policy(&self.config) });
+        self.membership_tx.send_replace(Arc::new(Membership { members, policy: policy(&self.config) }));
 
         self.settings_tx.send_replace(Arc::new(proxy_settings(&self.config)));
         self.resize_limit(self.config.proxy.max_connections);

@@ -28,25 +28,51 @@ pub struct Member {
     pub recheck: Arc<Notify>,
 }
 
-/// A change of the backend set or policy, from a reload.
+impl Member {
+    pub fn new(id: BackendId, name: &str, address: &str) -> Member {
+        Member { id, name: name.to_owned(), address: address.to_owned(), recheck: Arc::new(Notify::new()) }
+    }
+}
+
+/// The backend set and policy; a reload publishes a new one (latest wins, never queued).
 #[derive(Debug)]
-pub struct Reconfigure {
+pub struct Membership {
     pub members: Vec<Member>,
     pub policy: Policy,
 }
 
 pub struct Elector {
-    pub members: Vec<Member>,
-    pub policy: Policy,
-    pub reports: mpsc::Receiver<Report>,
-    pub reconfigure: mpsc::Receiver<Reconfigure>,
+    /// The current membership, copied from `membership` whenever it changes.
+    members: Vec<Member>,
+    policy: Policy,
+    membership: watch::Receiver<Arc<Membership>>,
+    reports: mpsc::Receiver<Report>,
     /// The one writer of the routing table.
-    pub table_tx: watch::Sender<Arc<RoutingTable>>,
-    pub metrics: Arc<Metrics>,
-    pub cancel: CancellationToken,
+    table_tx: watch::Sender<Arc<RoutingTable>>,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
 }
 
 impl Elector {
+    pub fn new(
+        mut membership: watch::Receiver<Arc<Membership>>,
+        reports: mpsc::Receiver<Report>,
+        table_tx: watch::Sender<Arc<RoutingTable>>,
+        metrics: Arc<Metrics>,
+        cancel: CancellationToken,
+    ) -> Elector {
+        let current = membership.borrow_and_update().clone();
+        Elector {
+            members: current.members.clone(),
+            policy: current.policy,
+            membership,
+            reports,
+            table_tx,
+            metrics,
+            cancel,
+        }
+    }
+
     /// Runs until cancelled. Re-decides every second as well, so stale observations expire.
     pub async fn run(mut self) {
         let mut states: HashMap<BackendId, BackendState> = HashMap::new();
@@ -68,9 +94,10 @@ impl Elector {
                     self.log_flip(member, state, &next);
                     *state = next;
                 }
-                Some(change) = self.reconfigure.recv() => {
-                    self.members = change.members;
-                    self.policy = change.policy;
+                Ok(()) = self.membership.changed() => {
+                    let current = self.membership.borrow_and_update().clone();
+                    self.members = current.members.clone();
+                    self.policy = current.policy;
                     states.retain(|id, _| self.members.iter().any(|m| m.id == *id));
                 }
                 _ = tick.tick() => {}
