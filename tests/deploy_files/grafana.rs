@@ -110,7 +110,7 @@ async fn live_metric_families() -> BTreeSet<String> {
     crate::common::proxy::wait_leader(proxy.admin_addr, Some("metrics")).await;
     let (code, body) = crate::common::proxy::get(proxy.admin_addr, "/metrics").await;
     assert_eq!(code, 200);
-    proxy.shutdown().await.unwrap();
+    proxy.shutdown().await.expect("pgleader drains");
     body.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split_whitespace().next().map(str::to_owned)).collect()
 }
 
