@@ -197,12 +197,29 @@ impl PatroniNode {
         ours.then_some(pid)
     }
 
-    /// The postmaster and its direct children (every PostgreSQL process of this node).
-    fn postgres_pids(&self) -> Vec<i32> {
+    /// Sends `signal` to every PostgreSQL process of this node, atomically with respect to forks:
+    /// the postmaster is stopped first (so it cannot fork a backend we would miss), then its
+    /// children are signalled until no new one shows up, then the postmaster itself (unless the
+    /// signal is SIGSTOP, which it already has). Returns the PIDs signalled.
+    fn signal_postgres(&self, signal: Signal) -> Vec<i32> {
         let Some(root) = self.postmaster_pid() else { return Vec::new() };
-        let mut pids = vec![root];
-        pids.extend(children_of(root));
-        pids
+        let _ = kill(Pid::from_raw(root), Signal::SIGSTOP);
+        let mut done = vec![root];
+        loop {
+            let new: Vec<i32> = children_of(root).into_iter().filter(|p| !done.contains(p)).collect();
+            if new.is_empty() {
+                break;
+            }
+            for &pid in &new {
+                let _ = kill(Pid::from_raw(pid), signal);
+            }
+            done.extend(new);
+        }
+        if signal != Signal::SIGSTOP {
+            let _ = kill(Pid::from_raw(root), signal);
+            let _ = kill(Pid::from_raw(root), Signal::SIGCONT);
+        }
+        done
     }
 
     /// The Patroni daemon's PID, if it runs (and is still our unreaped child).
@@ -221,11 +238,7 @@ impl PatroniNode {
             let _ = child.kill();
             let _ = child.wait();
         }
-        // Collect before killing: a dead postmaster's children are reparented and lost to us.
-        let pids = self.postgres_pids();
-        for &pid in &pids {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-        }
+        let pids = self.signal_postgres(Signal::SIGKILL);
         if let Some(&root) = pids.first() {
             wait_gone(root, Duration::from_secs(10));
         }
@@ -507,11 +520,12 @@ impl PatroniCluster {
     /// nothing answers. [`PatroniCluster::thaw`] resumes them.
     pub fn freeze(&mut self, name: &str) {
         let node = self.node_mut(name);
-        let mut pids: Vec<i32> = node.patroni_pid().into_iter().collect();
-        pids.extend(node.postgres_pids());
-        for &pid in &pids {
+        // Patroni first, so it cannot react to its PostgreSQL stopping.
+        if let Some(pid) = node.patroni_pid() {
             let _ = kill(Pid::from_raw(pid), Signal::SIGSTOP);
+            node.frozen.push(pid);
         }
+        let pids = node.signal_postgres(Signal::SIGSTOP);
         node.frozen.extend(pids);
     }
 

@@ -125,6 +125,24 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// The outcome whose [`Outcome::label`] is `label`.
+    pub fn from_label(label: &str) -> Option<Outcome> {
+        [
+            Outcome::Ok,
+            Outcome::Refused,
+            Outcome::Reset,
+            Outcome::Closed,
+            Outcome::CannotConnectNow,
+            Outcome::ReadOnly,
+            Outcome::AdminShutdown,
+            Outcome::Timeout,
+            Outcome::OtherSqlstate,
+            Outcome::Other,
+        ]
+        .into_iter()
+        .find(|o| o.label() == label)
+    }
+
     /// A short stable label (used in summaries and the report).
     pub fn label(self) -> &'static str {
         match self {
@@ -612,6 +630,46 @@ impl Run {
     /// The run as pretty JSON (the raw log for the report).
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("a run serialises")
+    }
+
+    /// The attempts back from [`Run::to_csv`] (messages are not in the CSV).
+    ///
+    /// # Errors
+    /// A line that does not have the columns `to_csv` writes.
+    pub fn attempts_from_csv(text: &str) -> Result<Vec<Attempt>, String> {
+        let mut out = Vec::new();
+        for (n, line) in text.lines().enumerate().skip(1).filter(|(_, l)| !l.is_empty()) {
+            let bad = || format!("line {}: `{line}`", n + 1);
+            let f: Vec<&str> = line.split(',').collect();
+            if f.len() != 10 {
+                return Err(bad());
+            }
+            let writer = match f[0] {
+                "new_conn" => Writer::NewConn,
+                "long_lived" => Writer::LongLived,
+                _ => return Err(bad()),
+            };
+            let phase = match f[5] {
+                "Connect" => Phase::Connect,
+                "Identify" => Phase::Identify,
+                "Insert" => Phase::Insert,
+                _ => return Err(bad()),
+            };
+            out.push(Attempt {
+                writer,
+                id: f[1].parse().map_err(|_| bad())?,
+                start_ms: f[2].parse().map_err(|_| bad())?,
+                end_ms: f[3].parse().map_err(|_| bad())?,
+                outcome: Outcome::from_label(f[4]).ok_or_else(bad)?,
+                phase,
+                sqlstate: (!f[6].is_empty()).then(|| f[6].to_owned()),
+                message: None,
+                node_port: if f[7].is_empty() { None } else { Some(f[7].parse().map_err(|_| bad())?) },
+                in_recovery: if f[8].is_empty() { None } else { Some(f[8] == "true") },
+                connected: f[9] == "true",
+            });
+        }
+        Ok(out)
     }
 
     /// One CSV line per attempt, with a header.
