@@ -346,6 +346,7 @@ impl Conn {
             }
             match self.read_packet(deadline).await {
                 Ok((next, _)) => packet = next,
+                Err(ReadError::Protocol(e)) => return self.send_error(e.sqlstate(), &format!("pgleader: {e}")).await,
                 Err(_) => return,
             }
         }
@@ -406,6 +407,7 @@ impl Conn {
             match self.attempt(&address, &mut hello).await {
                 Attempt::Spliced(backend, tls) => return Some(self.splice(backend, id, &address, tls).await),
                 Attempt::ClientGone => return Some(SessionResult::ClientError),
+                Attempt::ClientRefused(result) => return Some(result),
                 Attempt::BackendFailed(error) => {
                     tracing::info!(backend = %leader.name, %error, "leader did not take the client; retrying on the next route");
                     let report = Report {
@@ -458,7 +460,16 @@ impl Conn {
                     let hello_deadline = Instant::now() + self.settings.client_hello_timeout;
                     match self.read_packet(hello_deadline).await {
                         Ok((FirstPacket::Startup { .. }, raw)) => hello.startup = raw,
-                        _ => return Attempt::ClientGone,
+                        Ok(_) => {
+                            let message = "pgleader: expected a StartupMessage after the SSLRequest was answered N";
+                            self.send_error(sqlstate::PROTOCOL_VIOLATION, message).await;
+                            return Attempt::ClientRefused(SessionResult::RefusedProtocol);
+                        }
+                        Err(e) => {
+                            return Attempt::ClientRefused(
+                                self.read_failed(e).await.unwrap_or(SessionResult::ClientError),
+                            )
+                        }
                     }
                 }
                 Ok(Ok(_)) => {
@@ -574,6 +585,8 @@ enum Attempt {
     Spliced(TcpStream, bool),
     /// The client closed or failed while we were talking to the backend.
     ClientGone,
+    /// The client's second packet was refused (already answered, if the protocol allows).
+    ClientRefused(SessionResult),
     /// This backend did not take the client: report it and try the next route.
     BackendFailed(String),
 }
