@@ -894,3 +894,29 @@ async fn garbage_after_an_ssl_request_answered_n_gets_an_error_too() {
     proxy.shutdown().await.unwrap();
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
+
+/// A client outside `allow` is refused whatever it sends, so while it sits silent it must not
+/// hold one of the `max_connections` slots that allowed clients need.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_clients_outside_allow_do_not_take_the_slots_of_allowed_ones() {
+    watch_panics();
+    let primary = PgNode::start_primary("allow-slots");
+    let proxy = ProxyBuilder::new(&[&primary])
+        .proxy("allow", "[\"127.0.0.2/32\"]")
+        .proxy("max_connections", "10")
+        .proxy("client_hello_timeout", "10s")
+        .start()
+        .await;
+    wait_leader(proxy.admin_addr, Some("allow-slots")).await;
+    let mut outsiders = Vec::new();
+    for _ in 0..20 {
+        outsiders.push(connect_from("127.0.0.1", proxy.proxy_addr).await);
+    }
+    // Accepted in order: by the time the allowed client is, every outsider has been too.
+    let allowed = pg_over(connect_from("127.0.0.2", proxy.proxy_addr).await).await;
+    let allowed = allowed.expect("an allowed client gets in while 20 refused ones sit silent");
+    assert_eq!(allowed.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+    drop(outsiders);
+    assert_no_panics();
+    proxy.shutdown().await.unwrap();
+}
