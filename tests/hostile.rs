@@ -920,3 +920,42 @@ async fn silent_clients_outside_allow_do_not_take_the_slots_of_allowed_ones() {
     assert_no_panics();
     proxy.shutdown().await.unwrap();
 }
+
+/// Refusals are bounded too: past 256 over-limit connections waiting for their first packet, more
+/// are closed at once (counted as refused), so a flood cannot grow pgleader's tasks and sockets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_limit_connections_past_the_refusal_bound_are_closed_at_once() {
+    const IN_FLIGHT: usize = 256;
+    watch_panics();
+    raise_nofile(4096);
+    let primary = PgNode::start_primary("bound");
+    let proxy =
+        ProxyBuilder::new(&[&primary]).proxy("max_connections", "2").proxy("client_hello_timeout", "60s").start().await;
+    wait_leader(proxy.admin_addr, Some("bound")).await;
+    let held = [
+        connect_via(proxy.proxy_addr, "postgres").await.unwrap(),
+        connect_via(proxy.proxy_addr, "postgres").await.unwrap(),
+    ];
+    let mut waiting = Vec::new();
+    for _ in 0..IN_FLIGHT + 40 {
+        waiting.push(TcpStream::connect(proxy.proxy_addr).await.unwrap());
+    }
+    // The first 256 wait for a first packet (for up to 60 s); the other 40 are closed at once.
+    let series = "pgleader_sessions_total{result=\"refused_limit\"}";
+    metric_at_least(proxy.admin_addr, series, 40.0).await;
+    assert_eq!(metric(proxy.admin_addr, series).await, Some(40.0));
+    assert_eq!(read_to_close(waiting.last_mut().unwrap()).await, Seen::Closed);
+    let mut one_more = TcpStream::connect(proxy.proxy_addr).await.unwrap();
+    assert_eq!(read_to_close(&mut one_more).await, Seen::Closed);
+    assert_eq!(metric(proxy.admin_addr, series).await, Some(41.0));
+    for c in &held {
+        assert_eq!(c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+    }
+    // The waiting ones still get their answer when they speak.
+    let first = &mut waiting[0];
+    first.write_all(&pgwire::encode_startup(0, &[("user", "postgres")])).await.unwrap();
+    assert_eq!(read_to_close(first).await.code(), "53300");
+    drop(waiting);
+    assert_no_panics();
+    proxy.shutdown().await.unwrap();
+}
