@@ -64,8 +64,8 @@ const REFUSALS_IN_FLIGHT: usize = 256;
 enum Admission {
     /// Counts toward `max_connections`.
     Client(OwnedSemaphorePermit),
-    /// Over the limit: only answered with 53300.
-    Refusal(OwnedSemaphorePermit),
+    /// Only answered with the refusal's SQLSTATE (a `REFUSALS_IN_FLIGHT` permit).
+    Refused(OwnedSemaphorePermit, Refusal),
 }
 
 /// How often a long session's byte counts are added to the global counters.
@@ -95,6 +95,27 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// Decides what an accepted connection is admitted as; `None`: close it at once (counted).
+    /// Clients outside `allow` never take a `max_connections` slot, and refusals of either kind
+    /// are bounded by `refusals`.
+    fn admit(&self, peer: SocketAddr, refusals: &Arc<Semaphore>) -> Option<Admission> {
+        let allowed = self.shared.settings.borrow().allow.iter().any(|net| net.contains(&peer.ip().to_canonical()));
+        let refused = |why: Refusal| match Arc::clone(refusals).try_acquire_owned() {
+            Ok(p) => Some(Admission::Refused(p, why)),
+            Err(_) => {
+                self.shared.metrics.session_ended(why.result());
+                None
+            }
+        };
+        if !allowed {
+            return refused(Refusal::Address);
+        }
+        match Arc::clone(&self.limit).try_acquire_owned() {
+            Ok(p) => Some(Admission::Client(p)),
+            Err(_) => refused(Refusal::OverLimit),
+        }
+    }
+
     /// Accepts until `stop_accepting`; accept errors (EMFILE and the like) back off and continue.
     pub async fn run(self) {
         let next_id = AtomicU64::new(1);
@@ -108,21 +129,11 @@ impl Proxy {
             match accepted {
                 Ok((socket, peer)) => {
                     backoff = Duration::from_millis(10);
-                    let permit = match Arc::clone(&self.limit).try_acquire_owned() {
-                        Ok(p) => Admission::Client(p),
-                        // Refusals are bounded too: past REFUSALS_IN_FLIGHT, close at once.
-                        Err(_) => match Arc::clone(&refusals).try_acquire_owned() {
-                            Ok(p) => Admission::Refusal(p),
-                            Err(_) => {
-                                self.shared.metrics.session_ended(SessionResult::RefusedLimit);
-                                continue;
-                            }
-                        },
-                    };
+                    let Some(admission) = self.admit(peer, &refusals) else { continue };
                     let id = next_id.fetch_add(1, Ordering::Relaxed);
                     let span = tracing::debug_span!("conn", id, %peer);
                     let shared = Arc::clone(&self.shared);
-                    self.tracker.spawn(handle(shared, socket, peer, permit).instrument(span));
+                    self.tracker.spawn(handle(shared, socket, peer, admission).instrument(span));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "accept failed; backing off (raise the file descriptor limit if this is EMFILE)");
@@ -143,13 +154,11 @@ async fn handle(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, admiss
     tune(&client);
     let settings = shared.settings.borrow().clone();
     let hard_stop = shared.hard_stop.clone();
-    let allowed = settings.allow.iter().any(|net| net.contains(&peer.ip().to_canonical()));
     let mut conn = Conn { client, routing: shared.routing.clone(), settings, shared, backend: None, bytes: (0, 0) };
     let work = async {
         match admission {
-            _ if !allowed => conn.refuse_new(Refusal::Address).await,
             Admission::Client(_permit) => conn.serve().await,
-            Admission::Refusal(_permit) => conn.refuse_new(Refusal::OverLimit).await,
+            Admission::Refused(_permit, why) => conn.refuse_new(why).await,
         }
     };
     // The splice races `hard_stop` itself; this covers clients still in their startup phase.
@@ -182,9 +191,19 @@ fn tune(stream: &TcpStream) {
 }
 
 /// Why a client is refused before it is routed.
+#[derive(Clone, Copy)]
 enum Refusal {
     OverLimit,
     Address,
+}
+
+impl Refusal {
+    fn result(self) -> SessionResult {
+        match self {
+            Refusal::OverLimit => SessionResult::RefusedLimit,
+            Refusal::Address => SessionResult::RefusedAddress,
+        }
+    }
 }
 
 /// Why reading a client's packet ended without one.
@@ -304,16 +323,15 @@ impl Conn {
     /// first packet is read and answered with the refusal's SQLSTATE, then the connection closes.
     /// Logged at DEBUG: under a flood, the metric and its alert speak, not one line per client.
     async fn refuse_new(&mut self, refusal: Refusal) -> Option<SessionResult> {
-        let (code, message, result) = match refusal {
+        let result = refusal.result();
+        let (code, message) = match refusal {
             Refusal::OverLimit => (
                 sqlstate::TOO_MANY_CONNECTIONS,
                 "pgleader: too many client connections (max_connections reached); retry later",
-                SessionResult::RefusedLimit,
             ),
             Refusal::Address => (
                 sqlstate::INVALID_AUTHORIZATION,
                 "pgleader: this client address is not allowed to connect (see [proxy] allow)",
-                SessionResult::RefusedAddress,
             ),
         };
         let deadline = Instant::now() + self.settings.client_hello_timeout;
