@@ -258,7 +258,7 @@ impl Conn {
             FirstPacket::SslRequest => Hello { ssl_request: true, startup: Vec::new() },
             FirstPacket::Startup { .. } => Hello { ssl_request: false, startup: raw },
             FirstPacket::GssEncRequest => {
-                return self.refuse(sqlstate::PROTOCOL_VIOLATION, "GSSENCRequest sent twice").await;
+                return self.refuse(sqlstate::PROTOCOL_VIOLATION, "pgleader: GSSENCRequest sent twice").await;
             }
         };
         self.route(hello).await
