@@ -9,11 +9,14 @@
 //! Per message, in each direction, it costs one `recv` and one `send`: a short read proves the
 //! socket drained (epoll is edge-triggered), so the read readiness is cleared without the extra
 //! `recv` that would only return `EAGAIN` — what tokio's own `poll_read` does. The scratch buffer
-//! is allocated and zeroed once per worker thread, not per step. Profiles and the measurements
-//! behind these choices are in docs/performance.md.
+//! is allocated and zeroed once per worker thread, not per step. Both directions are one poll
+//! function waiting through the sockets' `poll_*_ready` waker slots, so an idle session's pump is
+//! about 200 bytes of its task. Profiles and the measurements behind these choices are in
+//! docs/performance.md.
 
 use std::cell::RefCell;
 use std::io::{self, Read};
+use std::task::{ready, Context, Poll};
 
 use prometheus::IntCounter;
 use socket2::SockRef;
@@ -50,61 +53,88 @@ pub async fn pump_both(
     up: &IntCounter,
     down: &IntCounter,
 ) -> Result<(), Side> {
-    let up = pump(client, backend, up, Side::Client, Side::Backend);
-    let down = pump(backend, client, down, Side::Backend, Side::Client);
-    tokio::pin!(up, down);
-    let (mut up_done, mut down_done) = (false, false);
-    while !(up_done && down_done) {
-        tokio::select! {
-            r = &mut up, if !up_done => { r?; up_done = true; }
-            r = &mut down, if !down_done => { r?; down_done = true; }
+    // One poll function for both directions, waiting through `poll_{read,write}_ready` (the
+    // socket's own waker slots) rather than `readable()` futures: the whole pump is two small
+    // structs in the session's task, not four readiness futures with their waiter nodes.
+    let mut to_backend = Direction::new(client, backend, up, Side::Client, Side::Backend);
+    let mut to_client = Direction::new(backend, client, down, Side::Backend, Side::Client);
+    std::future::poll_fn(|cx| {
+        let a = to_backend.poll(cx)?;
+        let b = to_client.poll(cx)?;
+        if a.is_ready() && b.is_ready() {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
         }
-    }
-    Ok(())
+    })
+    .await
 }
 
-/// Bytes read but not yet written: only while the destination is backed up.
-#[derive(Default)]
-struct Backlog {
-    bytes: Vec<u8>,
-    /// How much of `bytes` is already written.
-    sent: usize,
-}
+/// Steps one direction takes per poll before it yields to other tasks (tokio's cooperative
+/// budget usually yields first).
+const STEPS_PER_POLL: usize = 32;
 
-/// One direction. Holds no buffer while idle: see the module docs.
-async fn pump(
-    src: &TcpStream,
-    dst: &TcpStream,
-    counter: &IntCounter,
+/// One direction of the pump. Holds no buffer while idle: see the module docs.
+struct Direction<'a> {
+    src: &'a TcpStream,
+    dst: &'a TcpStream,
+    counter: &'a IntCounter,
     src_err: fn(io::Error) -> Side,
     dst_err: fn(io::Error) -> Side,
-) -> Result<(), Side> {
-    let mut backlog = Backlog::default();
-    loop {
-        if !backlog.bytes.is_empty() {
-            dst.writable().await.map_err(dst_err)?;
-            match write_some(dst, &backlog.bytes[backlog.sent..]) {
-                Ok(n) => {
-                    backlog.sent += n;
-                    if backlog.sent == backlog.bytes.len() {
-                        backlog = Backlog::default();
+    /// Bytes read but not yet written: only while the destination is backed up.
+    backlog: Vec<u8>,
+    /// How much of `backlog` is already written.
+    sent: usize,
+    /// EOF seen and forwarded.
+    done: bool,
+}
+
+impl<'a> Direction<'a> {
+    fn new(
+        src: &'a TcpStream,
+        dst: &'a TcpStream,
+        counter: &'a IntCounter,
+        src_err: fn(io::Error) -> Side,
+        dst_err: fn(io::Error) -> Side,
+    ) -> Self {
+        Direction { src, dst, counter, src_err, dst_err, backlog: Vec::new(), sent: 0, done: false }
+    }
+
+    /// Ready(Ok) once EOF was forwarded; Pending while waiting for a socket.
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Side>> {
+        if self.done {
+            return Poll::Ready(Ok(()));
+        }
+        for _ in 0..STEPS_PER_POLL {
+            if !self.backlog.is_empty() {
+                ready!(self.dst.poll_write_ready(cx)).map_err(self.dst_err)?;
+                match write_some(self.dst, &self.backlog[self.sent..]) {
+                    Ok(n) => {
+                        self.sent += n;
+                        if self.sent == self.backlog.len() {
+                            self.backlog = Vec::new();
+                            self.sent = 0;
+                        }
                     }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Poll::Ready(Err((self.dst_err)(e))),
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(dst_err(e)),
+                continue;
             }
-            continue;
-        }
-        src.readable().await.map_err(src_err)?;
-        match step(src, dst, &mut backlog.bytes, counter) {
-            Ok(Step::Moved) => {}
-            Ok(Step::Eof) => {
-                let _ = SockRef::from(dst).shutdown(std::net::Shutdown::Write);
-                return Ok(());
+            ready!(self.src.poll_read_ready(cx)).map_err(self.src_err)?;
+            match step(self.src, self.dst, &mut self.backlog, self.counter) {
+                Ok(Step::Moved) => {}
+                Ok(Step::Eof) => {
+                    let _ = SockRef::from(self.dst).shutdown(std::net::Shutdown::Write);
+                    self.done = true;
+                    return Poll::Ready(Ok(()));
+                }
+                Err(StepError::Read(e)) => return Poll::Ready(Err((self.src_err)(e))),
+                Err(StepError::Write(e)) => return Poll::Ready(Err((self.dst_err)(e))),
             }
-            Err(StepError::Read(e)) => return Err(src_err(e)),
-            Err(StepError::Write(e)) => return Err(dst_err(e)),
         }
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 }
 
