@@ -97,6 +97,7 @@ fn bench(c: &mut Criterion) {
         let echo = echo_backend().await;
         (echo, pump_proxy(echo).await)
     });
+    rt.block_on(report_future_size(echo));
 
     let mut group = c.benchmark_group("splice/bulk");
     group.sample_size(20).measurement_time(Duration::from_secs(5));
@@ -135,6 +136,14 @@ fn bench(c: &mut Criterion) {
         });
     }
     group.finish();
+}
+
+/// What one idle session's pump costs in its task: the size of the `pump_both` future.
+async fn report_future_size(echo: SocketAddr) {
+    let (a, b) = (connect(echo).await, connect(echo).await);
+    let counter = IntCounter::new("c", "c").expect("counter");
+    let pump = pgleader::pump::pump_both(&a, &b, &counter, &counter);
+    eprintln!("pump_both future: {} bytes", std::mem::size_of_val(&pump));
 }
 
 /// Runs `f` to completion on the runtime and returns the wall time.
