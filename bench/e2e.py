@@ -525,7 +525,8 @@ def main():
     ap.add_argument("--copy-mb", type=int, default=500)
     ap.add_argument("--idle-sessions", type=int, default=250)
     ap.add_argument("--pgleader", default="target/release/pgleader")
-    ap.add_argument("--baseline", help="another pgleader binary, benchmarked as contender pgleader-base")
+    ap.add_argument("--baseline", action="append", default=[],
+                    help="another pgleader binary, benchmarked as contender pgleader-base (or NAME=BIN; repeatable)")
     ap.add_argument("--only", help="comma-separated contenders to run (default: all)")
     ap.add_argument("--tests", help="comma-separated test groups: idle,active,select,connect,copy")
     ap.add_argument("--out", required=True, help="results directory (runs.jsonl, meta.json)")
@@ -560,8 +561,9 @@ def main():
         psql(pg.port, "CHECKPOINT")
 
         contenders = [Direct(pg), PgLeader(tmp, pg, os.path.abspath(a.pgleader))]
-        if a.baseline:
-            contenders.append(PgLeader(tmp, pg, os.path.abspath(a.baseline), name="pgleader-base"))
+        for b in a.baseline:
+            name, _, path = b.rpartition("=")
+            contenders.append(PgLeader(tmp, pg, os.path.abspath(path), name=name or "pgleader-base"))
         contenders += [HAProxy(tmp, pg), PgBouncer(tmp, pg)]
         if a.only:
             keep = set(a.only.split(","))
