@@ -397,6 +397,10 @@ struct Row {
     /// Attempts the old leader answered after the fault as a primary while another node led.
     stale: usize,
     lost: usize,
+    /// p50 and p99 of the new-connection writer's attempt time before the fault (machine noise).
+    before_fault_ms: (f64, f64),
+    /// From the fault to the harness seeing Patroni's new leader writable (REST poll + connect).
+    patroni_ms: f64,
 }
 
 fn row(meta: &RunMeta, attempts: &[Attempt], run: &Run) -> Row {
@@ -414,7 +418,16 @@ fn row(meta: &RunMeta, attempts: &[Attempt], run: &Run) -> Row {
                 && (a.connected || a.outcome == Outcome::Ok)
         })
         .count();
+    let mut before: Vec<f64> = attempts
+        .iter()
+        .filter(|a| a.writer == Writer::NewConn && a.end_ms < meta.fault_ms)
+        .map(|a| a.end_ms - a.start_ms)
+        .collect();
+    before.sort_by(f64::total_cmp);
+    let pct = |p: f64| before.get(((before.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(0.0);
     Row {
+        patroni_ms: new_leader_ms - meta.fault_ms,
+        before_fault_ms: (pct(0.5), pct(0.99)),
         frontend: meta.frontend.clone(),
         new_conn: summary.writer(Writer::NewConn),
         long_lived: summary.writer(Writer::LongLived),
@@ -476,12 +489,16 @@ fn render(from: &Path, doc: &Path) -> Result<(), String> {
     );
     let _ = writeln!(
         md,
-        "Columns: *outage* is the longest time without an acknowledged write of that writer; *failed* counts \
+        "Columns: *Patroni's new leader after* is the time from the fault until the harness saw \
+         the new leader in Patroni's REST API (polled every 50 ms) and had written to it directly: Patroni's own \
+         failover time plus the harness's polling, so a front end can show a shorter outage (it was the same \
+         cluster, not the same observer); *outage* is the longest time without an acknowledged write of that writer; *failed* counts \
          failed attempts by class (`57P03` cannot_connect_now, `25006` read-only transaction, `57P01` \
          terminated by the server, `closed`/`reset`/`refused`/`timeout` at the socket); *read-only hits* are \
          attempts that reached a node in recovery (both writers); *stale hits* are attempts the old leader \
          served as a primary after Patroni had elected another node; *lost* are acknowledged ids missing on \
-         the final leader (asynchronous replication).\n"
+         the final leader (asynchronous replication); the last column, the new-connection writer's attempt \
+         time before the fault, shows how loaded the machine was during that run.\n"
     );
     for scenario in SCENARIOS {
         let runs: Vec<&RunMeta> = report.runs.iter().filter(|r| r.scenario == scenario).collect();
@@ -505,21 +522,24 @@ fn render(from: &Path, doc: &Path) -> Result<(), String> {
         let _ = writeln!(md, "## {}\n", title(scenario));
         let _ = writeln!(
             md,
-            "| front end | outage, new conn | failed, new conn | outage, long-lived | failed, long-lived | read-only hits | stale hits | lost |"
+            "| front end | Patroni's new leader after | outage, new conn | failed, new conn | outage, long-lived | failed, long-lived | read-only hits | stale hits | lost | attempt p50 / p99 before the fault |"
         );
-        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
         for r in &rows {
             let _ = writeln!(
                 md,
-                "| {} | {:.1} s | {} | {:.1} s | {} | {} | {} | {} |",
+                "| {} | {:.1} s | {:.1} s | {} | {:.1} s | {} | {} | {} | {} | {:.0} / {:.0} ms |",
                 label(&r.frontend),
+                r.patroni_ms / 1000.0,
                 r.new_conn.longest_gap_ms / 1000.0,
                 errors(&r.new_conn.errors),
                 r.long_lived.longest_gap_ms / 1000.0,
                 errors(&r.long_lived.errors),
                 r.new_conn.read_only_hits + r.long_lived.read_only_hits,
                 r.stale,
-                r.lost
+                r.lost,
+                r.before_fault_ms.0,
+                r.before_fault_ms.1
             );
         }
         let svg = format!("{scenario}.svg");

@@ -317,7 +317,35 @@ impl PatroniCluster {
     /// Starts etcd (3 members) and Patroni on two nodes, node0 first so it bootstraps and leads,
     /// waits for a streaming (in sync mode: synchronous) replica, then creates the roles and the
     /// app database via the leader.
+    ///
+    /// Ports are picked free just before use, so another process can take one in between (an
+    /// outgoing connection's ephemeral port is enough) and PostgreSQL or etcd then fails to bind.
+    /// A bootstrap that fails (a Patroni exits, or no leader within [`PATIENCE`]) is retried from
+    /// scratch with new ports, up to 3 times, printing the logs of each failed attempt.
     pub async fn start(replication: Replication) -> PatroniCluster {
+        const ATTEMPTS: u32 = 3;
+        let mut attempt = 1;
+        loop {
+            let mut cluster = PatroniCluster::spawn(replication);
+            match cluster.bootstrap().await {
+                Ok(()) => {
+                    cluster.create_roles().await;
+                    return cluster;
+                }
+                Err(why) => {
+                    eprintln!(
+                        "Patroni bootstrap attempt {attempt}/{ATTEMPTS} failed: {why}\n{}",
+                        cluster.log_tails(80)
+                    );
+                    assert!(attempt < ATTEMPTS, "the Patroni cluster did not come up in {ATTEMPTS} attempts: {why}");
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    /// etcd running and both nodes' configs written; no Patroni yet.
+    fn spawn(replication: Replication) -> PatroniCluster {
         let venv = patroni_venv();
         let etcd_bin = etcd_bin();
         let pg_bin = super::pg::pg_bin();
@@ -343,13 +371,37 @@ impl PatroniCluster {
             cluster.nodes.push(node);
         }
         chown_tree(cluster.dir.path());
-
-        cluster.start_node("node0");
-        cluster.wait_leader("node0").await;
-        cluster.start_node("node1");
-        cluster.wait_replica_ready("node1").await;
-        cluster.create_roles().await;
         cluster
+    }
+
+    /// node0 bootstraps and leads, then node1 joins; fails fast if a Patroni exits.
+    async fn bootstrap(&mut self) -> Result<(), String> {
+        self.start_node("node0");
+        self.bootstrap_step("node0 leads", |c| Box::pin(c.is_writable_leader("node0"))).await?;
+        self.start_node("node1");
+        self.bootstrap_step("node1 replicates", |c| Box::pin(c.is_ready_replica("node1"))).await
+    }
+
+    async fn bootstrap_step(
+        &mut self,
+        what: &str,
+        check: impl for<'a> Fn(&'a PatroniCluster) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + 'a>>,
+    ) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            if check(self).await {
+                return Ok(());
+            }
+            for node in &mut self.nodes {
+                if node.patroni.is_some() && node.patroni_pid().is_none() {
+                    return Err(format!("{}'s Patroni exited while waiting until {what}", node.name));
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(format!("timed out after {PATIENCE:?} waiting until {what}"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     fn start_etcd(&mut self, etcd_bin: &Path) {
@@ -586,16 +638,19 @@ impl PatroniCluster {
         members.into_iter().find(|m| m.role == "leader" && m.state == "running").map(|m| m.name)
     }
 
+    /// Is `name` Patroni's leader, and does its PostgreSQL take writes (out of recovery)?
+    pub async fn is_writable_leader(&self, name: &str) -> bool {
+        if self.leader().await.as_deref() != Some(name) {
+            return false;
+        }
+        let Ok(client) = self.node(name).connect_superuser("postgres").await else { return false };
+        client.query_one("SELECT pg_is_in_recovery()", &[]).await.is_ok_and(|row| !row.get::<_, bool>(0))
+    }
+
     /// Waits until `name` is Patroni's leader and its PostgreSQL is out of recovery.
     pub async fn wait_leader(&self, name: &str) {
-        let node = self.node(name);
         eventually(PATIENCE, &format!("{name} is the Patroni leader and writable"), || async {
-            if self.leader().await.as_deref() != Some(name) {
-                return None;
-            }
-            let client = node.connect_superuser("postgres").await.ok()?;
-            let row = client.query_one("SELECT pg_is_in_recovery()", &[]).await.ok()?;
-            (!row.get::<_, bool>(0)).then_some(())
+            self.is_writable_leader(name).await.then_some(())
         })
         .await;
     }
@@ -610,15 +665,20 @@ impl PatroniCluster {
         name
     }
 
-    /// Waits until `name` streams from the leader (in sync mode: is the synchronous standby).
-    pub async fn wait_replica_ready(&self, name: &str) {
+    /// Does `name` stream from the leader (in sync mode: as the synchronous standby)?
+    pub async fn is_ready_replica(&self, name: &str) -> bool {
         let want_role = match self.replication {
             Replication::Async => "replica",
             Replication::Sync => "sync_standby",
         };
-        eventually(PATIENCE, &format!("{name} is a streaming {want_role}"), || async {
-            let members = self.members().await?;
-            members.iter().any(|m| m.name == name && m.role == want_role && m.state == "streaming").then_some(())
+        let Some(members) = self.members().await else { return false };
+        members.iter().any(|m| m.name == name && m.role == want_role && m.state == "streaming")
+    }
+
+    /// Waits until `name` streams from the leader (in sync mode: is the synchronous standby).
+    pub async fn wait_replica_ready(&self, name: &str) {
+        eventually(PATIENCE, &format!("{name} is a streaming replica ({} replication)", self.replication), || async {
+            self.is_ready_replica(name).await.then_some(())
         })
         .await;
     }
