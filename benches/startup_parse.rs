@@ -28,7 +28,9 @@ fn bench(c: &mut Criterion) {
     g.bench_function("cancel_request", |b| b.iter(|| parse_first_packet(black_box(&cancel))));
     g.bench_function("oversized", |b| b.iter(|| parse_first_packet(black_box(&oversized))));
     g.finish();
-    c.bench_function("error_response", |b| b.iter(|| pgwire::error_response(black_box("57P03"), black_box("no leader"))));
+    c.bench_function("error_response", |b| {
+        b.iter(|| pgwire::error_response(black_box("57P03"), black_box("no leader")))
+    });
 }
 
 criterion_group!(benches, bench);
