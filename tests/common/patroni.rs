@@ -773,7 +773,38 @@ impl Drop for PatroniCluster {
             let _ = m.child.kill();
             let _ = m.child.wait();
         }
+        // Anything still running from our dir (a postmaster Patroni was starting when it was
+        // killed, before it wrote postmaster.pid; a pg_rewind) would keep writing into it while
+        // the TempDir is removed. Only our processes name this unique dir on their command line.
+        let dir = self.dir.path().to_string_lossy().into_owned();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let strays = processes_mentioning(&dir);
+            if strays.is_empty() || std::time::Instant::now() > deadline {
+                break;
+            }
+            for pid in strays {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
+}
+
+/// Live (non-zombie) processes whose command line contains `needle`.
+fn processes_mentioning(needle: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return pids };
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        // Zombies have an empty cmdline, so they never match.
+        if String::from_utf8_lossy(&cmdline).contains(needle) {
+            pids.push(pid);
+        }
+    }
+    pids
 }
 
 /// A minimal HTTP/1.0 GET on loopback: status code and body. Enough for Patroni's REST API and
