@@ -167,6 +167,8 @@ impl Elector {
                 reason,
                 "no leader: split brain; check which node Patroni considers primary"
             );
+        } else if next.leader.is_some() && next.leader == prev.leader {
+            tracing::info!(leader = to, reason, "leader unchanged; the reason for it changed");
         } else if next.leader.is_some() {
             tracing::warn!(leader = to, previous = from, epoch = next.epoch, reason, "leader elected");
         } else if prev.leader.is_some() {
