@@ -143,6 +143,9 @@ impl Checker {
     pub async fn run(mut self) {
         let mut session: Option<Session> = None;
         let mut connect_failures: u32 = 0;
+        // The previous check was an immediate re-check: never two in a row, so a server that
+        // drops every connection cannot make the checker spin.
+        let mut rechecked = false;
         loop {
             let started = Instant::now();
             let outcome = match timeout(self.settings.timeout, self.check(&mut session)).await {
@@ -152,7 +155,8 @@ impl Checker {
                     Outcome::Failed(format!("health check timed out after {:?}", self.settings.timeout))
                 }
             };
-            let recheck_now = matches!(outcome, Outcome::Lost(_));
+            let recheck_now = matches!(outcome, Outcome::Lost(_)) && !rechecked;
+            rechecked = recheck_now;
             connect_failures = if session.is_some() { 0 } else { connect_failures.saturating_add(1) };
             if !self.report(outcome, started).await {
                 return;
@@ -176,6 +180,7 @@ impl Checker {
                 Wake::ClientFailed => session = None,
                 Wake::Lost(lost) => {
                     session = None;
+                    rechecked = true;
                     if !self.report(Outcome::Lost(lost), Instant::now()).await {
                         return;
                     }
