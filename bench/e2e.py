@@ -522,6 +522,7 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--duration", type=int, default=10, help="seconds per pgbench point")
     ap.add_argument("--clients", default="1,8,32,64")
+    ap.add_argument("--modes", default="simple,prepared", help="pgbench query modes for the select-only points")
     ap.add_argument("--copy-mb", type=int, default=500)
     ap.add_argument("--idle-sessions", type=int, default=250)
     ap.add_argument("--pgleader", default="target/release/pgleader")
@@ -612,7 +613,7 @@ def main():
                         r["kib_per_active_session"] = (statistics.median(r["rss_kib_samples"]) - fresh) / n
                     record(rep, "active_rss", c, r, clients=n)
             if "select" in groups:
-                for mode in ("simple", "prepared"):
+                for mode in a.modes.split(","):
                     for n in clients:
                         for c in contenders:
                             r = pgbench(c, c.port, ["-S", "-M", mode], n, a.duration,
