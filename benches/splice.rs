@@ -9,6 +9,9 @@
 //! - `splice/pingpong/direct/*`: the same round trip straight to the echo backend, so the pump's
 //!   cost is the difference.
 
+use std::sync::atomic::AtomicU64;
+
+use pgleader::pump::Tally;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -47,7 +50,10 @@ async fn pump_proxy(backend: SocketAddr) -> SocketAddr {
                 let _ = server.set_nodelay(true);
                 let up = IntCounter::new("up", "bytes up").expect("counter");
                 let down = IntCounter::new("down", "bytes down").expect("counter");
-                let _ = pgleader::pump::pump_both(&client, &server, &up, &down).await;
+                let (session_up, session_down) = (AtomicU64::new(0), AtomicU64::new(0));
+                let up = Tally { global: &up, session: &session_up };
+                let down = Tally { global: &down, session: &session_down };
+                let _ = pgleader::pump::pump_both(&client, &server, up, down).await;
             });
         }
     });
@@ -142,7 +148,9 @@ fn bench(c: &mut Criterion) {
 async fn report_future_size(echo: SocketAddr) {
     let (a, b) = (connect(echo).await, connect(echo).await);
     let counter = IntCounter::new("c", "c").expect("counter");
-    let pump = pgleader::pump::pump_both(&a, &b, &counter, &counter);
+    let session = AtomicU64::new(0);
+    let tally = Tally { global: &counter, session: &session };
+    let pump = pgleader::pump::pump_both(&a, &b, tally, tally);
     eprintln!("pump_both future: {} bytes", std::mem::size_of_val(&pump));
 }
 

@@ -29,7 +29,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use prometheus::IntCounter;
 use socket2::{SockRef, TcpKeepalive};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -41,7 +40,7 @@ use tracing::Instrument;
 
 use crate::metrics::{Metrics, SessionResult};
 use crate::pgwire::{self, sqlstate, BackendReply, FirstPacket, StartupError};
-use crate::pump::{pump_both, Side};
+use crate::pump::{pump_both, Side, Tally};
 use crate::topology::{BackendId, Observation, Report, RoutingTable, Source};
 
 /// The `[proxy]` settings a connection uses, read once when it is accepted.
@@ -67,9 +66,6 @@ enum Admission {
     /// Only answered with the refusal's SQLSTATE (a `REFUSALS_IN_FLIGHT` permit).
     Refused(OwnedSemaphorePermit, Refusal),
 }
-
-/// How often a long session's byte counts are added to the global counters.
-const BYTES_FLUSH_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Everything connection tasks share; cloned handles only, no locks.
 pub struct Shared {
@@ -422,8 +418,12 @@ impl Conn {
             };
             let Some(leader) = table.leader_view() else { continue };
             let (id, address) = (leader.id, leader.address.clone());
-            match self.attempt(&address, &mut hello).await {
-                Attempt::Spliced(backend, tls) => return Some(self.splice(backend, id, &address, tls).await),
+            // Boxed: the connect phase's state is needed once, not for the session's whole life.
+            match Box::pin(self.attempt(&address, &mut hello)).await {
+                Attempt::Spliced(backend, tls) => {
+                    drop(hello); // the replayed startup bytes are not needed while splicing
+                    return Some(self.splice(backend, id, &address, tls).await);
+                }
                 Attempt::ClientGone => return Some(SessionResult::ClientError),
                 Attempt::ClientRefused(result) => return Some(result),
                 Attempt::BackendFailed(error) => {
@@ -532,40 +532,35 @@ impl Conn {
         let active = metrics.sessions_active.with_label_values(&[&name]);
         active.inc();
         tracing::debug!(backend = %name, %address, tls, "spliced");
-        // Per-session counters (uncontended atomics) feed the access log; their deltas go to
-        // the global counters every BYTES_FLUSH_INTERVAL and at the end.
-        let up = IntCounter::new("session_up", "bytes").expect("valid counter");
-        let down = IntCounter::new("session_down", "bytes").expect("valid counter");
-        let mut flushed = (0, 0);
-        let mut flush = tokio::time::interval_at(Instant::now() + BYTES_FLUSH_INTERVAL, BYTES_FLUSH_INTERVAL);
-        let pump = pump_both(&self.client, &backend, &up, &down);
-        let cut = session_cut(&mut self.routing, id);
-        tokio::pin!(pump, cut);
-        let outcome = loop {
-            tokio::select! {
-                r = &mut pump => break match r {
-                    Ok(()) => SessionResult::Ok,
-                    Err(Side::Client(e)) => {
-                        tracing::debug!(error = %e, "client connection failed");
-                        SessionResult::ClientError
-                    }
-                    Err(Side::Backend(e)) => {
-                        tracing::info!(backend = %name, error = %e, "backend connection failed");
-                        SessionResult::BackendError
-                    }
-                },
-                () = &mut cut => {
-                    tracing::info!(backend = %name, "session cut: its backend is no longer the leader");
-                    break SessionResult::Cut;
+        // This session's totals, for the access log; the pump also feeds the global metric.
+        let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+        let pump = pump_both(
+            &self.client,
+            &backend,
+            Tally { global: &metrics.bytes_client_to_backend, session: &up },
+            Tally { global: &metrics.bytes_backend_to_client, session: &down },
+        );
+        let outcome = tokio::select! {
+            r = pump => match r {
+                Ok(()) => SessionResult::Ok,
+                Err(Side::Client(e)) => {
+                    tracing::debug!(error = %e, "client connection failed");
+                    SessionResult::ClientError
                 }
-                () = self.shared.hard_stop.cancelled() => break SessionResult::Shutdown,
-                _ = flush.tick() => flush_bytes(&metrics, &up, &down, &mut flushed),
+                Err(Side::Backend(e)) => {
+                    tracing::info!(backend = %name, error = %e, "backend connection failed");
+                    SessionResult::BackendError
+                }
+            },
+            () = session_cut(&mut self.routing, id) => {
+                tracing::info!(backend = %name, "session cut: its backend is no longer the leader");
+                SessionResult::Cut
             }
+            () = self.shared.hard_stop.cancelled() => SessionResult::Shutdown,
         };
-        flush_bytes(&metrics, &up, &down, &mut flushed);
         active.dec();
         self.backend = Some(name);
-        self.bytes = flushed;
+        self.bytes = (up.load(Ordering::Relaxed), down.load(Ordering::Relaxed));
         outcome
     }
 
@@ -587,14 +582,6 @@ impl Conn {
         }
         SessionResult::CancelForwarded
     }
-}
-
-/// Adds what a session moved since the last flush to the global byte counters.
-fn flush_bytes(metrics: &Metrics, up: &IntCounter, down: &IntCounter, flushed: &mut (u64, u64)) {
-    let (u, d) = (up.get(), down.get());
-    metrics.bytes_client_to_backend.inc_by(u - flushed.0);
-    metrics.bytes_backend_to_client.inc_by(d - flushed.1);
-    *flushed = (u, d);
 }
 
 /// The outcome of one backend attempt.

@@ -18,6 +18,8 @@ use std::cell::RefCell;
 use std::io::{self, Read};
 use std::task::{ready, Context, Poll};
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use prometheus::IntCounter;
 use socket2::SockRef;
 use tokio::io::Interest;
@@ -41,18 +43,14 @@ pub enum Side {
 
 /// Moves bytes both ways until both directions reach EOF, or one fails.
 ///
-/// `up` and `down` count the bytes moved client to backend and back. Cancel safe: dropping the
+/// `up` and `down` count the bytes moved client to backend and back, in the global metric and
+/// the session's own total (read by the access log, also after the pump is dropped). Cancel safe: dropping the
 /// future loses at most bytes read but not yet written, which only matters when the session is
 /// being closed anyway.
 ///
 /// # Errors
 /// The first I/O error, with the side it happened on.
-pub async fn pump_both(
-    client: &TcpStream,
-    backend: &TcpStream,
-    up: &IntCounter,
-    down: &IntCounter,
-) -> Result<(), Side> {
+pub async fn pump_both(client: &TcpStream, backend: &TcpStream, up: Tally<'_>, down: Tally<'_>) -> Result<(), Side> {
     // One poll function for both directions, waiting through `poll_{read,write}_ready` (the
     // socket's own waker slots) rather than `readable()` futures: the whole pump is two small
     // structs in the session's task, not four readiness futures with their waiter nodes.
@@ -70,6 +68,22 @@ pub async fn pump_both(
     .await
 }
 
+/// Where one direction's byte counts go.
+#[derive(Clone, Copy)]
+pub struct Tally<'a> {
+    /// The process-wide metric (`pgleader_session_bytes_total{direction}`).
+    pub global: &'a IntCounter,
+    /// This session's total.
+    pub session: &'a AtomicU64,
+}
+
+impl Tally<'_> {
+    fn add(self, n: u64) {
+        self.global.inc_by(n);
+        self.session.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
 /// Steps one direction takes per poll before it yields to other tasks (tokio's cooperative
 /// budget usually yields first).
 const STEPS_PER_POLL: usize = 32;
@@ -78,7 +92,7 @@ const STEPS_PER_POLL: usize = 32;
 struct Direction<'a> {
     src: &'a TcpStream,
     dst: &'a TcpStream,
-    counter: &'a IntCounter,
+    counter: Tally<'a>,
     src_err: fn(io::Error) -> Side,
     dst_err: fn(io::Error) -> Side,
     /// Bytes read but not yet written: only while the destination is backed up.
@@ -93,7 +107,7 @@ impl<'a> Direction<'a> {
     fn new(
         src: &'a TcpStream,
         dst: &'a TcpStream,
-        counter: &'a IntCounter,
+        counter: Tally<'a>,
         src_err: fn(io::Error) -> Side,
         dst_err: fn(io::Error) -> Side,
     ) -> Self {
@@ -150,7 +164,7 @@ enum StepError {
 
 /// One read from `src` and as much of it written to `dst` as it takes now; the rest goes to
 /// `backlog`. Synchronous, so the scratch buffer is never held across an await.
-fn step(src: &TcpStream, dst: &TcpStream, backlog: &mut Vec<u8>, counter: &IntCounter) -> Result<Step, StepError> {
+fn step(src: &TcpStream, dst: &TcpStream, backlog: &mut Vec<u8>, counter: Tally<'_>) -> Result<Step, StepError> {
     SCRATCH.with(|scratch| {
         let mut buf = scratch.borrow_mut();
         let n = match read_some(src, &mut buf) {
@@ -159,7 +173,7 @@ fn step(src: &TcpStream, dst: &TcpStream, backlog: &mut Vec<u8>, counter: &IntCo
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::Moved),
             Err(e) => return Err(StepError::Read(e)),
         };
-        counter.inc_by(n as u64);
+        counter.add(n as u64);
         let mut sent = 0;
         while sent < n {
             match write_some(dst, &buf[sent..n]) {
