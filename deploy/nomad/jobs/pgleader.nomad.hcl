@@ -186,11 +186,11 @@ EOF
         data          = "{{ with nomadVar \"nomad/jobs/pgleader\" }}{{ .health_password }}{{ end }}"
       }
 
-      # Sizing: idle RSS is a few MiB; each session holds two 8 KiB copy buffers plus its task
-      # and socket state (about 20 KiB), so max_connections = 2000 needs about 40 MiB on top.
-      # 128 MiB reserved leaves room for the histograms and kernel socket buffers charged to the
-      # cgroup; memory_max (honoured only with memory oversubscription enabled) caps bursts.
-      # Revisit against the splice benchmark's figures when they exist.
+      # Sizing, from docs/performance.md and docs/soak.md: about 8 MiB at rest, 2.75 KiB per idle
+      # and 3.4 KiB per active session (no per-session copy buffers; one 64 KiB scratch buffer per
+      # worker), so max_connections = 2000 adds under 16 MiB. 128 MiB reserved leaves room for
+      # kernel socket buffers charged to the cgroup; memory_max (honoured only with memory
+      # oversubscription enabled) caps bursts. CPU: about 2.5 s per 100k select-only transactions.
       resources {
         cpu        = 200
         memory     = 128
