@@ -42,6 +42,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::pg::{chown_tree, run_as};
 use super::{eventually, free_port};
 
 /// The app role, its password and its database (the runbook's names).
@@ -101,24 +102,6 @@ pub fn etcd_bin() -> PathBuf {
         .map(|d| d.join("etcd"))
         .find(|p| p.is_file());
     found.unwrap_or_else(|| panic!("etcd not found: run `apt-get install -y etcd-server etcd-client` (.ci/run does)"))
-}
-
-/// The uid/gid Patroni (and therefore PostgreSQL) runs as: `postgres` when we are root.
-fn run_as() -> Option<(u32, u32)> {
-    if !nix::unistd::geteuid().is_root() {
-        return None;
-    }
-    let user = nix::unistd::User::from_name("postgres")
-        .expect("read passwd")
-        .expect("running as root needs the `postgres` user (apt-get install postgresql)");
-    Some((user.uid.as_raw(), user.gid.as_raw()))
-}
-
-fn chown_tree(path: &Path) {
-    if let Some((uid, gid)) = run_as() {
-        let status = Command::new("chown").arg("-R").arg(format!("{uid}:{gid}")).arg(path).status().expect("chown");
-        assert!(status.success(), "chown {}", path.display());
-    }
 }
 
 /// One etcd member we started.

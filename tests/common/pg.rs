@@ -36,8 +36,9 @@ pub fn pg_bin() -> PathBuf {
     panic!("PostgreSQL server binaries not found: run `apt-get install postgresql` or set PG_BIN");
 }
 
-/// The uid/gid to run servers as: `postgres` when we are root, else ourselves.
-fn run_as() -> Option<(u32, u32)> {
+/// The uid/gid to run servers as (PostgreSQL, Patroni): `postgres` when we are root, else
+/// ourselves (`None`).
+pub fn run_as() -> Option<(u32, u32)> {
     if !nix::unistd::geteuid().is_root() {
         return None;
     }
@@ -47,7 +48,8 @@ fn run_as() -> Option<(u32, u32)> {
     Some((user.uid.as_raw(), user.gid.as_raw()))
 }
 
-fn chown_tree(path: &Path) {
+/// Gives a directory tree to the server user (see [`run_as`]).
+pub fn chown_tree(path: &Path) {
     if let Some((uid, gid)) = run_as() {
         let status = Command::new("chown").arg("-R").arg(format!("{uid}:{gid}")).arg(path).status().expect("chown");
         assert!(status.success(), "chown {}", path.display());
