@@ -416,7 +416,11 @@ impl Conn {
                 self.refuse_after(packet, sqlstate::CANNOT_CONNECT_NOW, &message).await;
                 return Some(SessionResult::NoLeader);
             };
-            let Some(leader) = table.leader_view() else { continue };
+            let Some(leader) = table.leader_view() else {
+                // Cannot happen (decide lists its leader); waiting for the next table is safe.
+                after_failure = true;
+                continue;
+            };
             let (id, address) = (leader.id, leader.address.clone());
             // Boxed: the connect phase's state is needed once, not for the session's whole life.
             match Box::pin(self.attempt(&address, &mut hello)).await {
