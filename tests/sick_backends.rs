@@ -244,43 +244,17 @@ fn openssl(dir: &std::path::Path, args: &[&str]) {
     assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// A self-signed CA certificate `<name>.crt` with its key `<name>.key`.
+fn self_signed_ca(dir: &std::path::Path, subject: &str, name: &str) {
+    let (key, crt) = (format!("{name}.key"), format!("{name}.crt"));
+    openssl(dir, &["req", "-new", "-x509", "-days", "2", "-nodes", "-subj", subject, "-keyout", &key, "-out", &crt]);
+}
+
 /// A primary that takes TCP clients only over TLS (hostssl trust, hostnossl reject), with a
 /// server certificate for IP 127.0.0.1 signed by `ca.crt`; `other-ca.crt` signed nothing here.
 fn tls_only_primary(name: &str, certs: &std::path::Path) -> PgNode {
-    openssl(
-        certs,
-        &[
-            "req",
-            "-new",
-            "-x509",
-            "-days",
-            "2",
-            "-nodes",
-            "-subj",
-            "/CN=pgleader test CA",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-        ],
-    );
-    openssl(
-        certs,
-        &[
-            "req",
-            "-new",
-            "-x509",
-            "-days",
-            "2",
-            "-nodes",
-            "-subj",
-            "/CN=someone else",
-            "-keyout",
-            "other-ca.key",
-            "-out",
-            "other-ca.crt",
-        ],
-    );
+    self_signed_ca(certs, "/CN=pgleader test CA", "ca");
+    self_signed_ca(certs, "/CN=someone else", "other-ca");
     openssl(certs, &["req", "-new", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "server.key", "-out", "server.csr"]);
     std::fs::write(certs.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
     openssl(
