@@ -7,7 +7,8 @@ use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use pgleader::topology::{decide, Backend, BackendId, BackendState, Observation, Policy, Probe, RoutingTable};
 
 fn backend(i: u32, in_recovery: bool, timeline: u32, now: Instant) -> Backend {
-    let probe = Probe { in_recovery, timeline: (!in_recovery).then_some(timeline), system_id: Some(42) };
+    let address = std::net::SocketAddr::from(([10, 0, 0, i as u8], 5432));
+    let probe = Probe { address, in_recovery, timeline: (!in_recovery).then_some(timeline), system_id: Some(42) };
     Backend {
         id: BackendId(i),
         name: format!("node{i}"),

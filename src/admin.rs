@@ -277,7 +277,8 @@ mod tests {
 
     fn with_leader() -> RoutingTable {
         let now = Instant::now();
-        let probe = Probe { in_recovery: false, timeline: Some(3), system_id: Some(u64::MAX) };
+        let address = "127.0.0.1:5432".parse().unwrap();
+        let probe = Probe { address, in_recovery: false, timeline: Some(3), system_id: Some(u64::MAX) };
         let backends = [Backend {
             id: BackendId(0),
             name: "a".into(),

@@ -16,7 +16,13 @@
 //!
 //! Connect failures back off from `fast_interval` doubling up to the check interval; while there is
 //! no leader the check interval *is* `fast_interval`, so a promotion is seen within ~100 ms.
+//!
+//! Addresses: every check resolves the configured `host:port` once (an IP literal costs nothing).
+//! The health connection is made to one resolved address, kept while the name still resolves to
+//! it, and each probe reports that address ([`Probe::address`]): clients are connected to exactly
+//! the server that was checked, never to a fresh resolution of the name.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -92,7 +98,8 @@ pub fn tls_connector(sslmode: SslMode, ca_file: Option<&std::path::Path>) -> Res
     Ok(Some(MakeTlsConnector::new(connector)))
 }
 
-/// A checker task for one backend.
+/// A checker task for one backend. Cloned to restart it (see `task::restart_on_failure`).
+#[derive(Clone)]
 pub struct Checker {
     pub id: BackendId,
     pub settings: CheckSettings,
@@ -109,17 +116,37 @@ pub struct Checker {
 
 /// A live health connection.
 struct Session {
+    /// The resolved address it was made to.
+    address: SocketAddr,
     client: Client,
     probe: Statement,
     system_id: Option<u64>,
-    /// The tokio-postgres connection future; it completes when the connection is gone.
-    conn: JoinHandle<Result<(), tokio_postgres::Error>>,
+    /// The tokio-postgres connection future; it completes when the connection is gone, and is
+    /// aborted when the session is dropped.
+    conn: AbortOnDrop,
 }
 
-impl Drop for Session {
+/// The spawned tokio-postgres connection task, aborted when its owner goes.
+struct AbortOnDrop(JoinHandle<Result<(), tokio_postgres::Error>>);
+
+impl Drop for AbortOnDrop {
     fn drop(&mut self) {
-        self.conn.abort();
+        self.0.abort();
     }
+}
+
+/// The configured `host:port` resolved, duplicates removed, in resolver order.
+async fn resolve(target: &HostPort) -> std::io::Result<Vec<SocketAddr>> {
+    let mut addresses: Vec<SocketAddr> = Vec::new();
+    for a in tokio::net::lookup_host((target.host.as_str(), target.port)).await? {
+        if !addresses.contains(&a) {
+            addresses.push(a);
+        }
+    }
+    if addresses.is_empty() {
+        return Err(std::io::Error::new(std::io::ErrorKind::NotFound, "the name has no address"));
+    }
+    Ok(addresses)
 }
 
 /// Why a checker woke up between checks.
@@ -205,30 +232,45 @@ impl Checker {
         backoff.min(interval)
     }
 
-    /// One check: connect if needed, then probe. Not cancel safe as to the session (a cancelled
-    /// check leaves `session` as it was; the caller drops it on timeout).
+    /// One check: resolve, connect if needed, then probe. Not cancel safe as to the session (a
+    /// cancelled check leaves `session` as it was; the caller drops it on timeout).
     async fn check(&self, session: &mut Option<Session>) -> Outcome {
+        let target = &self.settings.address;
+        let addresses = match resolve(target).await {
+            Ok(a) => a,
+            Err(e) => return Outcome::Failed(format!("cannot resolve {target}: {e}")),
+        };
+        if let Some(s) = session.as_ref().filter(|s| !addresses.contains(&s.address)) {
+            tracing::info!(backend = %self.settings.name, old = %s.address, new = ?addresses,
+                "the backend's name resolves elsewhere now; reconnecting the health check");
+            *session = None;
+        }
         if session.is_none() {
-            match self.connect().await {
-                Ok(s) => {
-                    tracing::info!(backend = %self.settings.name, system_id = ?s.system_id, "health connection established");
-                    *session = Some(s);
+            let mut failure = None;
+            for address in &addresses {
+                match self.connect(*address).await {
+                    Ok(s) => {
+                        tracing::info!(backend = %self.settings.name, %address, system_id = ?s.system_id,
+                            "health connection established");
+                        *session = Some(s);
+                        break;
+                    }
+                    Err(e) => failure = Some(format!("cannot connect to {address} for health check: {}", describe(&e))),
                 }
-                Err(e) => return Outcome::Failed(format!("cannot connect for health check: {}", describe(&e))),
+            }
+            if let Some(error) = failure.filter(|_| session.is_none()) {
+                return Outcome::Failed(error);
             }
         }
         let Some(s) = session.as_ref() else { return Outcome::Failed("no health connection".to_owned()) };
+        let (address, system_id) = (s.address, s.system_id);
         match s.client.query_one(&s.probe, &[]).await {
             Ok(row) => {
                 let parsed = row.try_get::<_, bool>(0).and_then(|r| Ok((r, row.try_get::<_, Option<String>>(1)?)));
                 match parsed {
-                    Ok((true, _)) => {
-                        Outcome::Probe(Probe { in_recovery: true, timeline: None, system_id: s.system_id })
-                    }
+                    Ok((true, _)) => Outcome::Probe(Probe { address, in_recovery: true, timeline: None, system_id }),
                     Ok((false, Some(hex))) => match u32::from_str_radix(&hex, 16) {
-                        Ok(tl) => {
-                            Outcome::Probe(Probe { in_recovery: false, timeline: Some(tl), system_id: s.system_id })
-                        }
+                        Ok(tl) => Outcome::Probe(Probe { address, in_recovery: false, timeline: Some(tl), system_id }),
                         Err(_) => Outcome::Failed(format!("unexpected timeline `{hex}` from the probe")),
                     },
                     Ok((false, None)) => Outcome::Failed("the probe returned no timeline for a primary".to_owned()),
@@ -246,11 +288,14 @@ impl Checker {
         }
     }
 
-    async fn connect(&self) -> Result<Session, tokio_postgres::Error> {
+    /// A health connection to one resolved `address` (the configured host name still names the
+    /// server for TLS verification).
+    async fn connect(&self, address: SocketAddr) -> Result<Session, tokio_postgres::Error> {
         let s = &self.settings;
         let mut cfg = tokio_postgres::Config::new();
         cfg.host(&s.address.host)
-            .port(s.address.port)
+            .hostaddr(address.ip())
+            .port(address.port())
             .user(&s.user)
             .dbname(&s.database)
             .application_name("pgleader-health")
@@ -276,6 +321,8 @@ impl Checker {
                 (client, tokio::spawn(connection))
             }
         };
+        // From here the connection task is owned by a guard: a failed setup aborts it.
+        let conn = AbortOnDrop(conn);
         let probe = client.prepare(PROBE_SQL).await?;
         let system_id = match client.query_one(SYSTEM_ID_SQL, &[]).await {
             Ok(row) => row.try_get::<_, i64>(0).ok().map(|v| v as u64),
@@ -286,7 +333,7 @@ impl Checker {
                 None
             }
         };
-        Ok(Session { client, probe, system_id, conn })
+        Ok(Session { address, client, probe, system_id, conn })
     }
 
     /// Sends one observation; `false` when the elector is gone.
@@ -324,7 +371,7 @@ impl Checker {
 /// Completes when the session's connection ends; pending forever without a session.
 async fn wait_lost(session: &mut Option<Session>) -> String {
     match session {
-        Some(s) => match (&mut s.conn).await {
+        Some(s) => match (&mut s.conn.0).await {
             Ok(Ok(())) => "the server closed the health connection".to_owned(),
             Ok(Err(e)) => describe(&e),
             Err(e) => format!("health connection task ended: {e}"),

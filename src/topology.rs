@@ -8,8 +8,16 @@
 //! 2. A failed check counts toward `fall`. A lost connection ([`Observation::Lost`]) makes the
 //!    backend non-routable at once without counting toward `fall`; the next good check clears it.
 //! 3. Sessions on a backend are cut when another backend is the leader, when it reports
-//!    recovery, or when it reaches `fall` failed checks ([`RoutingTable::session_allowed`]).
+//!    recovery, when it is a primary below the highest timeline seen for its system, or when it
+//!    reaches `fall` failed checks ([`RoutingTable::cut_reason`] says which).
 //! 4. One routable primary: the leader. None: no leader. Several: see below.
+//! 8. Admission is atomic with the route: a client connected to the leader of epoch `e` is
+//!    admitted only while the current table still names that leader in epoch `e`
+//!    ([`RoutingTable::admits`]); otherwise it is a retry the client never sees.
+//!
+//! Addresses: each successful check carries the socket address the checker resolved and used
+//! ([`Probe::address`]); clients are connected to exactly that address, never to a fresh
+//! resolution of the configured name.
 //!
 //! Timelines: the table remembers the highest timeline it has ever seen a primary of each system
 //! (`system_identifier`) report. A primary below that is *stale* (a demoted leader that thawed, or
@@ -20,6 +28,7 @@
 //! restoring a cluster onto an *older* timeline needs a restart (see README, troubleshooting).
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 /// A backend's identity: allocated once per configured (name, address) and never reused, so a
@@ -41,6 +50,8 @@ pub struct Policy {
 /// What one successful check saw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Probe {
+    /// The address the check resolved and ran on: the only address clients are sent to.
+    pub address: SocketAddr,
     /// `pg_is_in_recovery()`.
     pub in_recovery: bool,
     /// The current timeline of a primary; `None` for a replica.
@@ -192,9 +203,44 @@ impl BackendState {
         primary && fresh && !self.lost && self.fail_streak == 0 && self.primary_streak >= policy.rise.max(1)
     }
 
-    /// Rule 3, the backend's own half: not in recovery and fewer than `fall` failures.
-    fn keeps_sessions(&self, policy: &Policy) -> bool {
-        self.fail_streak < policy.fall && !self.last_probe.is_some_and(|p| p.in_recovery)
+    /// Rule 3, the backend's own half: why its sessions must go, if they must. `newest` is the
+    /// highest timeline seen for the backend's system.
+    fn own_cut(&self, policy: &Policy, newest: Option<u32>) -> Option<CutReason> {
+        match self.last_probe {
+            _ if self.fail_streak >= policy.fall => Some(CutReason::Down),
+            Some(p) if p.in_recovery => Some(CutReason::Recovery),
+            Some(p) if p.timeline < newest => Some(CutReason::OlderTimeline),
+            _ => None,
+        }
+    }
+}
+
+/// Why a session must be closed (rule 3). Every variant is a cut the client sees as a closed
+/// connection; the access log and `pgleader_sessions_total` name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CutReason {
+    /// Another backend is the leader now.
+    LeaderChanged,
+    /// The backend reports `pg_is_in_recovery() = true`: it was demoted.
+    Recovery,
+    /// The backend is a primary below the highest timeline seen for its system.
+    OlderTimeline,
+    /// The backend reached `fall` failed checks.
+    Down,
+    /// A reload removed the backend (or changed its address).
+    Removed,
+}
+
+impl CutReason {
+    /// A stable identifier for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CutReason::LeaderChanged => "leader_changed",
+            CutReason::Recovery => "recovery",
+            CutReason::OlderTimeline => "older_timeline",
+            CutReason::Down => "down",
+            CutReason::Removed => "removed",
+        }
     }
 }
 
@@ -260,7 +306,7 @@ impl Reason {
 pub struct Backend {
     pub id: BackendId,
     pub name: String,
-    /// `host:port`; a DNS name is resolved at each connect.
+    /// `host:port` as configured; the checker resolves it at each check.
     pub address: String,
     pub state: BackendState,
 }
@@ -275,8 +321,16 @@ pub struct BackendView {
     pub role: Role,
     /// New sessions may be routed here (rule 1, not stale).
     pub routable: bool,
-    /// Existing sessions here may stay, as far as this backend's own health goes (rule 3).
-    pub keeps_sessions: bool,
+    /// Why existing sessions here must go, as far as this backend's own state goes (rule 3);
+    /// `None`: they may stay.
+    pub cut: Option<CutReason>,
+}
+
+impl BackendView {
+    /// The address the latest successful check used: where clients are connected.
+    pub fn resolved(&self) -> Option<SocketAddr> {
+        self.state.last_probe.map(|p| p.address)
+    }
 }
 
 /// The published routing state: the only thing sessions, the admin server and checkers read.
@@ -317,11 +371,30 @@ impl RoutingTable {
         self.backends.iter().find(|b| b.id == id)
     }
 
-    /// Rule 3: may a session on `backend` stay open?
+    /// Rule 3: why a session on `backend` must be closed now, or `None` if it may stay. The
+    /// backend's own state is named first (it says more than "another leader"). With no leader
+    /// sessions stay unless their own backend condemns them: one lost health connection must
+    /// not kill a healthy primary's sessions.
+    pub fn cut_reason(&self, backend: BackendId) -> Option<CutReason> {
+        let Some(view) = self.backend(backend) else { return Some(CutReason::Removed) };
+        view.cut.or_else(|| self.leader.filter(|l| *l != backend).map(|_| CutReason::LeaderChanged))
+    }
+
+    /// Rule 3 as a yes/no: may a session on `backend` stay open?
     pub fn session_allowed(&self, backend: BackendId) -> bool {
-        let another_leads = self.leader.is_some_and(|l| l != backend);
-        let healthy = self.backend(backend).is_some_and(|b| b.keeps_sessions);
-        !another_leads && healthy
+        self.cut_reason(backend).is_none()
+    }
+
+    /// Rule 8: may a client connected to `backend` while it led epoch `epoch` see its first byte
+    /// from it now? Only while this table still names that leader in that epoch.
+    pub fn admits(&self, backend: BackendId, epoch: u64) -> bool {
+        self.epoch == epoch && self.leader == Some(backend)
+    }
+
+    /// The leader and the address clients are connected to, if there is a leader.
+    pub fn leader_target(&self) -> Option<(BackendId, SocketAddr)> {
+        let view = self.leader_view()?;
+        Some((view.id, view.resolved()?))
     }
 
     /// Whether anything that sessions or checkers act on differs (counters and errors do not).
@@ -331,7 +404,11 @@ impl RoutingTable {
             || self.reason != other.reason
             || self.backends.len() != other.backends.len()
             || self.backends.iter().zip(&other.backends).any(|(a, b)| {
-                a.id != b.id || a.routable != b.routable || a.keeps_sessions != b.keeps_sessions || a.role != b.role
+                a.id != b.id
+                    || a.routable != b.routable
+                    || a.cut != b.cut
+                    || a.role != b.role
+                    || a.resolved() != b.resolved()
             })
     }
 }
@@ -346,9 +423,8 @@ pub fn decide(prev: &RoutingTable, backends: &[Backend], policy: &Policy, now: I
             *seen = (*seen).max(tl);
         }
     }
-    let is_current = |s: &BackendState| {
-        s.last_probe.is_some_and(|p| p.timeline.is_some_and(|tl| max_timelines.get(&p.system_id) == Some(&tl)))
-    };
+    let newest = |s: &BackendState| s.last_probe.and_then(|p| max_timelines.get(&p.system_id).copied());
+    let is_current = |s: &BackendState| s.last_probe.is_some_and(|p| p.timeline.is_some() && p.timeline == newest(s));
 
     let views: Vec<BackendView> = backends
         .iter()
@@ -359,7 +435,7 @@ pub fn decide(prev: &RoutingTable, backends: &[Backend], policy: &Policy, now: I
             state: b.state.clone(),
             role: b.state.role(policy),
             routable: b.state.is_routable_primary(policy, now) && is_current(&b.state),
-            keeps_sessions: b.state.keeps_sessions(policy),
+            cut: b.state.own_cut(policy, newest(&b.state)),
         })
         .collect();
 
@@ -395,11 +471,14 @@ mod tests {
 
     const POLICY: Policy = Policy { rise: 1, fall: 3, stale_after: Duration::from_secs(10) };
 
+    fn addr() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 5432))
+    }
     fn primary(tl: u32, sys: u64) -> Observation {
-        Observation::Checked(Probe { in_recovery: false, timeline: Some(tl), system_id: Some(sys) })
+        Observation::Checked(Probe { address: addr(), in_recovery: false, timeline: Some(tl), system_id: Some(sys) })
     }
     fn replica(sys: u64) -> Observation {
-        Observation::Checked(Probe { in_recovery: true, timeline: None, system_id: Some(sys) })
+        Observation::Checked(Probe { address: addr(), in_recovery: true, timeline: None, system_id: Some(sys) })
     }
     fn failed() -> Observation {
         Observation::Failed { error: "timeout".into() }
@@ -476,7 +555,15 @@ mod tests {
                 name: "unknown system is split brain",
                 events: vec![
                     (0, primary(1, 7)),
-                    (1, Observation::Checked(Probe { in_recovery: false, timeline: Some(2), system_id: None })),
+                    (
+                        1,
+                        Observation::Checked(Probe {
+                            address: addr(),
+                            in_recovery: false,
+                            timeline: Some(2),
+                            system_id: None,
+                        }),
+                    ),
                 ],
                 leader: None,
                 reason: Reason::SplitBrainDifferentSystems,
@@ -534,8 +621,40 @@ mod tests {
         let t = run(2, &POLICY, &[(0, primary(1, 7)), (0, replica(7))]);
         assert!(!t.session_allowed(a), "a demoted node's sessions are cut");
         let t = run(2, &POLICY, &[(0, primary(1, 7)), (1, primary(2, 7))]);
-        assert!(!t.session_allowed(a), "another leader cuts sessions");
+        assert_eq!(t.cut_reason(a), Some(CutReason::OlderTimeline), "an older timeline cuts sessions");
         assert!(t.session_allowed(BackendId(1)));
+        let t = run(2, &POLICY, &[(0, primary(1, 7)), (1, primary(2, 7)), (1, lost())]);
+        assert_eq!(t.leader, None);
+        assert_eq!(t.cut_reason(a), Some(CutReason::OlderTimeline), "also when the newer primary glitches");
+        let t = run(2, &POLICY, &[(0, primary(1, 7)), (1, replica(7))]);
+        assert_eq!(t.cut_reason(BackendId(1)), Some(CutReason::Recovery));
+        let t = run(2, &POLICY, &[(0, primary(1, 7)), (1, replica(7)), (0, failed()), (0, failed()), (0, failed())]);
+        assert_eq!(t.cut_reason(a), Some(CutReason::Down));
+        assert_eq!(t.cut_reason(BackendId(9)), Some(CutReason::Removed));
+    }
+
+    #[test]
+    fn sessions_on_an_older_timeline_are_cut_while_the_newer_primary_is_still_rising() {
+        let policy = Policy { rise: 3, ..POLICY };
+        let a = BackendId(0);
+        let t = run(2, &policy, &[(0, primary(1, 7)), (0, primary(1, 7)), (0, primary(1, 7))]);
+        assert_eq!(t.leader, Some(a));
+        let t = run(2, &policy, &[(0, primary(1, 7)), (0, primary(1, 7)), (0, primary(1, 7)), (1, primary(2, 7))]);
+        assert_eq!(t.leader, None, "the newer primary has not risen yet, and the old one is stale");
+        assert_eq!(t.cut_reason(a), Some(CutReason::OlderTimeline));
+    }
+
+    #[test]
+    fn admission_needs_the_same_leader_in_the_same_epoch() {
+        let t = run(2, &POLICY, &[(0, primary(1, 7)), (1, replica(7))]);
+        let (leader, epoch) = (t.leader.unwrap(), t.epoch);
+        assert!(t.admits(leader, epoch));
+        assert!(!t.admits(BackendId(1), epoch), "not the leader");
+        assert!(!t.admits(leader, epoch + 1), "another epoch");
+        let later = run(2, &POLICY, &[(0, primary(1, 7)), (1, replica(7)), (0, lost()), (0, primary(1, 7))]);
+        assert_eq!(later.leader, Some(leader));
+        assert!(!later.admits(leader, epoch), "the same backend re-elected is a new epoch: retry");
+        assert_eq!(t.leader_target(), Some((leader, addr())));
     }
 
     #[test]
@@ -591,6 +710,24 @@ mod tests {
                     }
                     // The leader's timeline is the highest ever seen for its system.
                     prop_assert_eq!(next.max_timelines.get(&probe.system_id).copied(), probe.timeline);
+                }
+                // No session stays on a primary below the highest timeline seen for its system.
+                for b in &next.backends {
+                    if let Some(p) = b.state.last_probe.filter(|p| !p.in_recovery) {
+                        let newest = next.max_timelines.get(&p.system_id).copied();
+                        if p.timeline < newest {
+                            prop_assert!(!next.session_allowed(b.id), "a session stays on an older timeline");
+                        }
+                    }
+                }
+                // Admission: only the leader, only in its own epoch.
+                for b in &next.backends {
+                    prop_assert_eq!(next.admits(b.id, next.epoch), next.leader == Some(b.id));
+                    prop_assert!(!next.admits(b.id, next.epoch + 1));
+                }
+                // The leader's own sessions are never cut.
+                if let Some(l) = next.leader {
+                    prop_assert!(next.session_allowed(l));
                 }
                 // The epoch moves exactly when the leader does.
                 prop_assert_eq!(next.epoch != table.epoch, next.leader != table.leader);

@@ -57,17 +57,22 @@ enum Event {
     Tick,
 }
 
+/// Where every check ran; the decision does not look at it.
+const ADDRESS: std::net::SocketAddr =
+    std::net::SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 5432));
+
 fn observation(event: &Event) -> Option<Observation> {
     // Few distinct values, so collisions (same timeline, same system) are common.
     let system = |s: &Option<u8>| s.map(|s| u64::from(s % 3));
     Some(match event {
         Event::Primary { timeline, system: s } => Observation::Checked(Probe {
+            address: ADDRESS,
             in_recovery: false,
             timeline: Some(u32::from(timeline % 5) + 1),
             system_id: system(s),
         }),
         Event::Replica { system: s } => {
-            Observation::Checked(Probe { in_recovery: true, timeline: None, system_id: system(s) })
+            Observation::Checked(Probe { address: ADDRESS, in_recovery: true, timeline: None, system_id: system(s) })
         }
         Event::Failed => Observation::Failed { error: "health check timed out".to_owned() },
         Event::Lost => Observation::Lost { error: "health connection lost".to_owned() },
@@ -125,7 +130,8 @@ fn check(prev: &RoutingTable, next: &RoutingTable, backends: &[Backend], policy:
             let view = next.backend(id).expect("the leader is a configured backend");
             assert!(view.routable, "leader not routable: {next:#?}");
             assert_eq!(view.role, Role::Primary, "leader is not a primary: {next:#?}");
-            assert!(view.keeps_sessions && next.session_allowed(id), "the leader's own sessions would be cut");
+            assert!(view.cut.is_none() && next.session_allowed(id), "the leader's own sessions would be cut");
+            assert!(next.admits(id, next.epoch), "the leader does not admit in its own epoch");
             assert!(matches!(next.reason, Reason::SolePrimary | Reason::NewestTimeline), "{:?}", next.reason);
             let s = &view.state;
             let probe = s.last_probe.expect("a leader has been checked");
@@ -152,6 +158,11 @@ fn check(prev: &RoutingTable, next: &RoutingTable, backends: &[Backend], policy:
         assert!(next.max_timelines.get(system).is_some_and(|n| n >= tl), "a remembered timeline went down");
     }
     for (view, b) in next.backends.iter().zip(backends) {
+        if let Some(p) = view.state.last_probe.filter(|p| !p.in_recovery) {
+            if p.timeline < next.max_timelines.get(&p.system_id).copied() {
+                assert!(!next.session_allowed(view.id), "a session stays on a primary below the newest timeline");
+            }
+        }
         assert_eq!(view.state, b.state, "the view shows the state decided on");
         assert_eq!(view.role, b.state.role(policy));
     }
