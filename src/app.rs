@@ -4,6 +4,11 @@
 //! Startup: bind the proxy and admin listeners first (fail fast), then spawn one health checker per
 //! backend, the elector, the admin server and the accept loop.
 //!
+//! Supervision: health checkers run under [`task::restart_on_failure`] (a checker that panics is
+//! restarted with backoff, logged at ERROR and counted); the end of the elector, the admin server
+//! or the accept loop is fatal: pgleader drains and exits non-zero so the orchestrator restarts
+//! it, rather than run on with a frozen routing table or no listener.
+//!
 //! Drain ([`Running::begin_shutdown`], SIGTERM/SIGINT):
 //! 1. mark not ready: `/readyz` answers 503;
 //! 2. stop accepting: the accept loop ends and the listener is dropped;
@@ -34,9 +39,10 @@ use crate::config::{Config, ConfigDiff};
 use crate::elector::{Elector, Member, Membership};
 use crate::health::{self, CheckSettings, Checker};
 use crate::metrics::Metrics;
-use crate::proxy::{Proxy, ProxySettings, Shared};
+use crate::proxy::{self, Proxy, ProxySettings, Sessions, Shared};
 use crate::signals::{SignalEvent, Signals};
-use crate::topology::{BackendId, Policy, Report, RoutingTable};
+use crate::task;
+use crate::topology::{BackendId, Observation, Policy, Report, RoutingTable, Source};
 
 /// A running pgleader. Dropping it does not stop it; call [`Running::shutdown`].
 pub struct Running {
@@ -121,8 +127,7 @@ pub async fn start_with_file(config: Config, path: PathBuf) -> anyhow::Result<Ru
 }
 
 async fn start_inner(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<Running> {
-    let listener = TcpListener::bind(config.proxy.listen)
-        .await
+    let listener = proxy::bind(config.proxy.listen, config.proxy.max_connections)
         .with_context(|| format!("bind proxy listener {}", config.proxy.listen))?;
     let admin_listener = TcpListener::bind(config.admin.listen)
         .await
@@ -206,6 +211,7 @@ async fn start_inner(config: Config, config_path: Option<PathBuf>) -> anyhow::Re
             reports: reports_tx,
             metrics,
             hard_stop: hard_stop.clone(),
+            sessions: Sessions::default(),
         }),
         limit,
         stop_accepting: draining.clone(),
@@ -214,7 +220,7 @@ async fn start_inner(config: Config, config_path: Option<PathBuf>) -> anyhow::Re
     let accept_loop = tokio::spawn(proxy.run());
     tracing::info!(proxy = %proxy_addr, admin = %admin_addr, backends = ?names, "pgleader started");
 
-    let drain = Drain { draining: draining.clone(), hard_stop, tracker, accept_loop };
+    let drain = Drain { draining: draining.clone(), hard_stop, tracker, accept_loop, accept_done: false };
     let supervisor = tokio::spawn(sup.run(drain, reload_rx, admin_reload_rx));
     Ok(Running { proxy_addr, admin_addr, draining, reload_tx, supervisor })
 }
@@ -258,13 +264,15 @@ fn proxy_settings(config: &Config) -> ProxySettings {
         client_hello_timeout: config.proxy.client_hello_timeout,
         allow: config.proxy.allow.clone(),
         access_log: config.log.access,
+        max_connections: config.proxy.max_connections,
     }
 }
 
 fn policy(config: &Config) -> Policy {
     let h = &config.health;
-    // A checker reports at least every interval + timeout; allow a few missed beats.
-    let stale_after = (h.interval + h.timeout) * (h.fall + 2);
+    // A checker reports at least every interval + timeout; allow a few missed beats. Saturating:
+    // config validation bounds these, and arithmetic on them must not panic regardless.
+    let stale_after = h.interval.saturating_add(h.timeout).saturating_mul(h.fall.saturating_add(2));
     Policy { rise: h.rise, fall: h.fall, stale_after }
 }
 
@@ -275,6 +283,8 @@ struct Drain {
     hard_stop: CancellationToken,
     tracker: TaskTracker,
     accept_loop: tokio::task::JoinHandle<()>,
+    /// The accept loop's handle has already completed (a JoinHandle must not be polled again).
+    accept_done: bool,
 }
 
 /// Owns the background tasks, applies reloads, and runs the drain.
@@ -334,24 +344,61 @@ impl Supervisor {
             metrics: Arc::clone(&self.metrics),
             cancel: cancel.clone(),
         };
-        self.checkers.push((member.id, cancel));
-        // Checkers are not in `tasks`: a reload stops them on purpose.
-        tokio::spawn(checker.run());
+        self.checkers.push((member.id, cancel.clone()));
+        // Checkers are not in `tasks`: a reload stops them on purpose. A checker that dies is
+        // restarted, and the elector hears why (the backend is not routable meanwhile).
+        let (id, reports) = (member.id, self.reports_tx.clone());
+        let on_restart = move |why: &str| {
+            let error = format!("the health checker stopped ({why}) and is being restarted");
+            let observation = Observation::Failed { error };
+            let at = tokio::time::Instant::now().into_std();
+            let _ =
+                reports.try_send(Report { backend: id, observation, at, latency: None, source: Source::HealthCheck });
+        };
+        let metrics = Arc::clone(&self.metrics);
+        tokio::spawn(task::restart_on_failure(
+            "health_checker",
+            member.name.clone(),
+            metrics,
+            cancel,
+            move || checker.clone().run(),
+            on_restart,
+        ));
     }
 
     async fn run(
         mut self,
-        drain: Drain,
+        mut drain: Drain,
         mut reload_rx: mpsc::Receiver<ReloadRequest>,
         mut admin_reload_rx: mpsc::Receiver<AdminReload>,
     ) -> anyhow::Result<()> {
         let mut failure = None;
         loop {
             tokio::select! {
+                biased;
                 () = drain.draining.cancelled() => break,
                 Some(ended) = self.tasks.join_next() => {
-                    let what = match ended { Ok(name) => format!("{name} stopped"), Err(e) => format!("a task failed: {e}") };
+                    let what = match ended {
+                        Ok(name) => format!("{name} stopped"),
+                        Err(e) if e.is_panic() => format!("a task panicked: {}", task::panic_message(e.into_panic().as_ref())),
+                        Err(e) => format!("a task failed: {e}"),
+                    };
                     tracing::error!(what, "internal failure; shutting down so the orchestrator restarts pgleader");
+                    failure = Some(what);
+                    drain.draining.cancel();
+                    break;
+                }
+                ended = &mut drain.accept_loop => {
+                    drain.accept_done = true;
+                    if drain.draining.is_cancelled() {
+                        break; // it stopped because the drain began
+                    }
+                    let what = match ended {
+                        Ok(()) => "the accept loop stopped".to_owned(),
+                        Err(e) if e.is_panic() => format!("the accept loop panicked: {}", task::panic_message(e.into_panic().as_ref())),
+                        Err(e) => format!("the accept loop failed: {e}"),
+                    };
+                    tracing::error!(what, "internal failure: no client can connect; shutting down so the orchestrator restarts pgleader");
                     failure = Some(what);
                     drain.draining.cancel();
                     break;
@@ -366,7 +413,9 @@ impl Supervisor {
             }
         }
         // Steps 2-4 (step 1 is the cancelled `draining` token itself).
-        let _ = drain.accept_loop.await;
+        if !drain.accept_done {
+            let _ = (&mut drain.accept_loop).await;
+        }
         drain.tracker.close();
         let grace = self.config.proxy.shutdown_grace;
         if tokio::time::timeout(grace, drain.tracker.wait()).await.is_err() {
@@ -474,11 +523,13 @@ impl Supervisor {
             let removed = self.limit.forget_permits(old_max - new_max);
             if removed < old_max - new_max {
                 // Permits still held by open sessions: take them back as they are released.
-                let limit = Arc::clone(&self.limit);
-                let owed = (old_max - new_max - removed) as u32;
+                // Bounded by the shutdown: the task never outlives pgleader's background work.
+                let (limit, stop) = (Arc::clone(&self.limit), self.background.clone());
+                let owed = u32::try_from(old_max - new_max - removed).unwrap_or(u32::MAX);
                 tokio::spawn(async move {
-                    if let Ok(p) = limit.acquire_many(owed).await {
-                        p.forget();
+                    tokio::select! {
+                        () = stop.cancelled() => {}
+                        Ok(p) = limit.acquire_many(owed) => p.forget(),
                     }
                 });
             }

@@ -26,6 +26,7 @@ mod health;
 mod metrics;
 mod proxy;
 mod signals;
+mod task;
 
 pub use app::{start, Running};
 pub use config::Config;

@@ -15,7 +15,7 @@ use prometheus::{
 pub enum SessionResult {
     /// Spliced to the leader and closed by either side.
     Ok,
-    /// Closed by pgleader because its backend stopped being the leader (DESIGN rule 3).
+    /// Closed by pgleader under DESIGN rule 3; `pgleader_sessions_cut_total{reason}` says why.
     Cut,
     /// No leader within `leader_wait_timeout`: 57P03.
     NoLeader,
@@ -31,14 +31,20 @@ pub enum SessionResult {
     BackendError,
     /// The client failed (reset, closed before startup) outside a clean close.
     ClientError,
+    /// The client left while it waited for a leader; no backend connection was opened for it.
+    Abandoned,
     /// Closed by the end of the shutdown grace period.
     Shutdown,
-    /// A CancelRequest forwarded to the leader.
+    /// A CancelRequest delivered to at least one backend that holds sessions.
     CancelForwarded,
+    /// A CancelRequest that no backend holding sessions could be sent.
+    CancelFailed,
+    /// A CancelRequest while no backend holds a session of this pgleader: nothing to cancel.
+    CancelUnmatched,
 }
 
 impl SessionResult {
-    pub const ALL: [SessionResult; 11] = [
+    pub const ALL: [SessionResult; 14] = [
         SessionResult::Ok,
         SessionResult::Cut,
         SessionResult::NoLeader,
@@ -48,8 +54,11 @@ impl SessionResult {
         SessionResult::ClientTimeout,
         SessionResult::BackendError,
         SessionResult::ClientError,
+        SessionResult::Abandoned,
         SessionResult::Shutdown,
         SessionResult::CancelForwarded,
+        SessionResult::CancelFailed,
+        SessionResult::CancelUnmatched,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -63,8 +72,11 @@ impl SessionResult {
             SessionResult::ClientTimeout => "client_timeout",
             SessionResult::BackendError => "backend_error",
             SessionResult::ClientError => "client_error",
+            SessionResult::Abandoned => "abandoned",
             SessionResult::Shutdown => "shutdown",
             SessionResult::CancelForwarded => "cancel_forwarded",
+            SessionResult::CancelFailed => "cancel_failed",
+            SessionResult::CancelUnmatched => "cancel_unmatched",
         }
     }
 }
@@ -73,6 +85,10 @@ impl SessionResult {
 pub const CHECK_RESULTS: [&str; 3] = ["ok", "failed", "lost"];
 /// Roles, as `topology::Role::as_str` spells them (this module may not import topology).
 pub const ROLES: [&str; 4] = ["unknown", "primary", "replica", "down"];
+/// The `reason` label of `pgleader_sessions_cut_total`, as `topology::CutReason::as_str` spells them.
+pub const CUT_REASONS: [&str; 5] = ["leader_changed", "recovery", "older_timeline", "down", "removed"];
+/// The `task` label of `pgleader_task_restarts_total`: background tasks restarted after a panic.
+pub const RESTARTED_TASKS: [&str; 1] = ["health_checker"];
 
 /// Every metric pgleader exports.
 pub struct Metrics {
@@ -85,6 +101,8 @@ pub struct Metrics {
     pub clients_waiting: IntGauge,
     pub sessions_active: IntGaugeVec,
     pub sessions: IntCounterVec,
+    pub sessions_cut: IntCounterVec,
+    pub task_restarts: IntCounterVec,
     /// Pre-resolved children of `pgleader_session_bytes_total`, so the byte pump does no lookup.
     pub bytes_client_to_backend: IntCounter,
     pub bytes_backend_to_client: IntCounter,
@@ -136,6 +154,19 @@ impl Metrics {
                 &["result"],
             )
             .expect("valid metric"),
+            sessions_cut: IntCounterVec::new(
+                Opts::new("pgleader_sessions_cut_total", "Sessions closed by pgleader (result cut), by reason"),
+                &["reason"],
+            )
+            .expect("valid metric"),
+            task_restarts: IntCounterVec::new(
+                Opts::new(
+                    "pgleader_task_restarts_total",
+                    "Background tasks that ended unexpectedly (a panic) and were restarted",
+                ),
+                &["task"],
+            )
+            .expect("valid metric"),
             bytes_client_to_backend: bytes.with_label_values(&["client_to_backend"]),
             bytes_backend_to_client: bytes.with_label_values(&["backend_to_client"]),
             health_checks: IntCounterVec::new(
@@ -160,7 +191,7 @@ impl Metrics {
             )
             .expect("valid metric"),
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 14] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 16] = [
             Box::new(m.backend_up.clone()),
             Box::new(m.backend_role.clone()),
             Box::new(m.leader.clone()),
@@ -169,6 +200,8 @@ impl Metrics {
             Box::new(m.clients_waiting.clone()),
             Box::new(m.sessions_active.clone()),
             Box::new(m.sessions.clone()),
+            Box::new(m.sessions_cut.clone()),
+            Box::new(m.task_restarts.clone()),
             Box::new(bytes),
             Box::new(m.health_checks.clone()),
             Box::new(m.health_check_duration.clone()),
@@ -184,6 +217,12 @@ impl Metrics {
         }
         for r in ["ok", "error"] {
             m.config_reloads.with_label_values(&[r]);
+        }
+        for r in CUT_REASONS {
+            m.sessions_cut.with_label_values(&[r]);
+        }
+        for t in RESTARTED_TASKS {
+            m.task_restarts.with_label_values(&[t]);
         }
         m.add_backends(backends);
         m
