@@ -9,8 +9,8 @@
 //!    ([`Outcome::Cancel`]); SSLRequest and StartupMessage are routed; garbage gets 08P01 (0A000
 //!    for a protocol major version other than 3). A zero-byte connection is a TCP probe.
 //! 2. `wait_leader`: wait (bounded by `leader_wait_timeout`) for a table with a leader. The client
-//!    is watched meanwhile: if it closes, the session ends at once ([`SessionResult::Abandoned`])
-//!    and no backend connection is ever opened for it. No leader in time: 57P03 with the reason
+//!    is watched while it waits: if it closes, the session ends at once
+//!    ([`SessionResult::Abandoned`]) and no backend connection is ever opened for it. No leader in time: 57P03 with the reason
 //!    (after an `N` for an SSLRequest, so the client can read it).
 //! 3. `connect`, `ssl_answer`, `startup_after_n`, `first_reply`: one attempt at the leader's checked
 //!    address (never a fresh name resolution), within `connect_timeout` per step. On plaintext the
@@ -364,10 +364,13 @@ where
             let waited = {
                 let Self { client, ctx } = self;
                 let wait = wait_for_leader(&mut ctx.routing, ctx.metrics, deadline, after_failure);
+                // A leader at hand wins over anything the client did: it is only watched while
+                // it actually waits (a client that half-closes after its StartupMessage is still
+                // served when there is a leader to serve it).
                 tokio::select! {
                     biased;
-                    event = watch_client(client, &mut hello) => Err(event),
                     target = wait => Ok(target),
+                    event = watch_client(client, &mut hello) => Err(event),
                 }
             };
             let (id, epoch, address) = match waited {
@@ -378,25 +381,13 @@ where
                     None => continue,
                 },
             };
-            let attempt = {
-                let Self { client, ctx } = self;
-                tokio::select! {
-                    biased;
-                    event = watch_client(client, &mut hello) => Err(event),
-                    r = connect(ctx, address) => Ok(r),
-                }
-            };
-            let backend = match attempt {
-                Ok(Ok(b)) => b,
-                Ok(Err(e)) => {
+            let backend = match connect(&self.ctx, address).await {
+                Ok(b) => b,
+                Err(e) => {
                     self.report_failed(id, address, &e);
                     after_failure = true;
                     continue;
                 }
-                Err(event) => match self.client_event(event, &hello).await {
-                    Some(ended) => return ended,
-                    None => continue,
-                },
             };
             // Boxed: the attempt's state is needed once, not for the session's whole life.
             match Box::pin(self.attempt(backend, id, epoch, address, &mut hello)).await {

@@ -19,9 +19,10 @@
 //! raised, and every session — also one closed by the grace timer — gets its access-log line with
 //! its backend and byte counts.
 //!
-//! The listen backlog is `max_connections` (as PostgreSQL and HAProxy size theirs), so a burst of
-//! reconnecting pools is queued by the kernel rather than dropped; the kernel caps it at
-//! `net.core.somaxconn`, and a lower cap is warned about at start.
+//! The listen backlog is twice `max_connections`, and at least 1024 (PostgreSQL sizes its own the
+//! same way): a burst of reconnecting pools, including the clients that will be refused, is queued
+//! by the kernel rather than dropped half-open. The kernel caps it at `net.core.somaxconn`, and a
+//! lower cap is warned about at start and on reload.
 
 pub(crate) mod handshake;
 
@@ -57,7 +58,7 @@ pub struct ProxySettings {
     pub allow: Vec<IpNet>,
     /// Write one `pgleader::access` line per session.
     pub access_log: bool,
-    /// `max_connections`: also the listen backlog.
+    /// `max_connections`: also sizes the listen backlog.
     pub max_connections: usize,
 }
 
@@ -65,18 +66,24 @@ pub struct ProxySettings {
 /// closed without a word, so a flood cannot grow the task count without bound.
 const REFUSALS_IN_FLIGHT: usize = 256;
 
-/// Binds the client listener with a backlog of `backlog` (see the module docs).
+/// Binds the client listener with the backlog for `max_connections` (see the module docs).
 ///
 /// # Errors
 /// The address cannot be bound.
-pub fn bind(address: SocketAddr, backlog: usize) -> io::Result<TcpListener> {
+pub fn bind(address: SocketAddr, max_connections: usize) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(address), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&address.into())?;
+    let backlog = backlog_for(max_connections);
     socket.listen(backlog_value(backlog))?;
     warn_if_capped(backlog);
     TcpListener::from_std(socket.into())
+}
+
+/// The listen backlog for a `max_connections`.
+pub fn backlog_for(max_connections: usize) -> usize {
+    max_connections.saturating_mul(2).max(1024)
 }
 
 fn backlog_value(backlog: usize) -> i32 {
@@ -208,12 +215,12 @@ impl Proxy {
         let mut backoff = Duration::from_millis(10);
         let refusals = Arc::new(Semaphore::new(REFUSALS_IN_FLIGHT));
         let mut settings = self.shared.settings.clone();
-        let mut backlog = settings.borrow_and_update().max_connections;
+        let mut backlog = backlog_for(settings.borrow_and_update().max_connections);
         loop {
             let accepted = tokio::select! {
                 () = self.stop_accepting.cancelled() => return,
                 Ok(()) = settings.changed() => {
-                    let wanted = settings.borrow_and_update().max_connections;
+                    let wanted = backlog_for(settings.borrow_and_update().max_connections);
                     if wanted != backlog {
                         backlog = wanted;
                         if let Err(e) = SockRef::from(&self.listener).listen(backlog_value(backlog)) {
