@@ -13,25 +13,25 @@
 //!   without TimescaleDB fails and leaves nothing behind.
 //! - **Through pgleader** (`common::proxy::ProxyBuilder`): the file applied with psql via the
 //!   proxy's port, as the runbook does.
-//! - **TimescaleDB**, which cannot be installed here:
-//!   - `timescaledb_live` runs only when `TIMESCALEDB_URL` is set (a server where that user may
-//!     create databases and the extension; plaintext or `sslmode=prefer`): it applies the
-//!     whole file twice in a scratch database, reads the hypertable, compression settings and
-//!     policy back from `timescaledb_information`, runs the policy job and drives the trigger
-//!     through compressed chunks. Otherwise it writes a skip notice straight to stderr, which
-//!     the test harness does not capture, so the skip is visible in every run.
-//!   - `timescale_calls_parse_as_intended` always runs: it parses the file with the real
-//!     PostgreSQL grammar (`pg_query`) and checks each TimescaleDB call and its arguments, the
-//!     integer-now function the file registers, and the `\if` structure (TimescaleDB
-//!     statements only on the normal path, everything else on both). psql meta-commands are
-//!     not SQL, so the file is cut into segments at every line that starts with a backslash
-//!     and each segment is parsed on its own; a backslash anywhere else fails the test, so
-//!     nothing can hide from the parser.
+//! - **TimescaleDB** ([`timescaledb`], `tests/schema/timescaledb.rs`): the whole file, as
+//!   shipped, on a PGlite engine with TimescaleDB 2.23 from npm (`tests/timescaledb/`), or on
+//!   the server `TIMESCALEDB_URL` names: applied twice, its settings read back from
+//!   TimescaleDB's views, the trigger on the hypertable, the compression policy's job and late
+//!   candles into a compressed chunk. What only a server can do is an `#[ignore]`d test that
+//!   runs there; nothing is skipped by passing.
+//! - **PostgreSQL's parser** (`timescale_calls_parse_as_intended`): parses the file with the
+//!   real PostgreSQL grammar (`pg_query`) and checks each TimescaleDB call and its arguments,
+//!   the integer-now function the file registers, and the `\if` structure (TimescaleDB
+//!   statements only on the normal path, everything else on both). psql meta-commands are not
+//!   SQL, so the file is cut into segments at every line that starts with a backslash and each
+//!   segment is parsed on its own; a backslash anywhere else fails the test, so nothing can
+//!   hide from the parser.
 
 mod common;
+#[path = "schema/timescaledb.rs"]
+mod timescaledb;
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -231,55 +231,61 @@ fn normal_apply_without_timescaledb_fails_and_creates_nothing() {
     }
 }
 
+/// The candles_latest cases on one key, bars at `t0` and the six days after it: in order, late,
+/// newer-first in one statement, upserts and UPDATEs of the latest and of an older bar, and
+/// other keys. Run on plain PostgreSQL and on a TimescaleDB hypertable.
+async fn latest_row_cases(c: &Client, t0: i64) {
+    // In order.
+    exec(c, &insert_sql(&[bar("VNM", "1d", t0, 10)])).await;
+    assert_eq!(latest(c, "VNM", "1d").await, Some(bar_text(t0, 10)));
+    exec(c, &insert_sql(&[bar("VNM", "1d", t0 + DAY, 20)])).await;
+    exec(c, &insert_sql(&[bar("VNM", "1d", t0 + 3 * DAY, 40)])).await;
+    assert_eq!(latest(c, "VNM", "1d").await, Some(bar_text(t0 + 3 * DAY, 40)));
+
+    // Out of order: a late, older candle is stored but does not replace the newer one.
+    exec(c, &insert_sql(&[bar("VNM", "1d", t0 + 2 * DAY, 30)])).await;
+    assert_eq!(latest(c, "VNM", "1d").await, Some(bar_text(t0 + 3 * DAY, 40)));
+
+    // One statement, newer row first: the row trigger sees the older one last.
+    exec(c, &insert_sql(&[bar("VNM", "1d", t0 + 5 * DAY, 60), bar("VNM", "1d", t0 + 4 * DAY, 50)])).await;
+    assert_eq!(latest(c, "VNM", "1d").await, Some(bar_text(t0 + 5 * DAY, 60)));
+
+    // An upsert that hits the latest bar fires the UPDATE trigger, and the rewrite lands.
+    exec(c, &upsert_sql(&bar("VNM", "1d", t0 + 5 * DAY, 61))).await;
+    assert_eq!(latest(c, "VNM", "1d").await, Some(bar_text(t0 + 5 * DAY, 61)));
+    // Rewriting an older bar does not.
+    exec(c, &upsert_sql(&bar("VNM", "1d", t0 + 4 * DAY, 51))).await;
+    assert_eq!(latest(c, "VNM", "1d").await, Some(bar_text(t0 + 5 * DAY, 61)));
+    // A plain UPDATE of the latest bar lands; of an older one, does not.
+    exec(
+        c,
+        &format!(
+            "UPDATE public.candles SET close = 62, high = 63 WHERE ticker = 'VNM' AND tf = '1d' AND ts = {}",
+            t0 + 5 * DAY
+        ),
+    )
+    .await;
+    exec(c, &format!("UPDATE public.candles SET close = 1, low = 1 WHERE ticker = 'VNM' AND tf = '1d' AND ts = {t0}"))
+        .await;
+    let ts = t0 + 5 * DAY;
+    assert_eq!(latest(c, "VNM", "1d").await, Some(format!("{ts} 61 63 60 62 {}", ts % 1000 + 7)));
+    // An upsert that arrives as a brand-new newest bar goes through the INSERT path.
+    exec(c, &upsert_sql(&bar("VNM", "1d", t0 + 6 * DAY, 70))).await;
+    assert_eq!(latest(c, "VNM", "1d").await, Some(bar_text(t0 + 6 * DAY, 70)));
+
+    // Other timeframes and tickers are independent keys.
+    exec(c, &insert_sql(&[bar("VNM", "1h", t0 + DAY, 11), bar("FPT", "1d", t0, 90)])).await;
+    assert_eq!(latest(c, "VNM", "1h").await, Some(bar_text(t0 + DAY, 11)));
+    assert_eq!(latest(c, "FPT", "1d").await, Some(bar_text(t0, 90)));
+    assert_eq!(latest(c, "VNM", "1d").await, Some(bar_text(t0 + 6 * DAY, 70)));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn latest_row_follows_the_newest_candle() {
     let node = PgNode::start_primary("schema-latest");
     apply_plain(&node);
     let c = node.connect(DB).await;
-
-    // In order.
-    exec(&c, &insert_sql(&[bar("VNM", "1d", T0, 10)])).await;
-    assert_eq!(latest(&c, "VNM", "1d").await, Some(bar_text(T0, 10)));
-    exec(&c, &insert_sql(&[bar("VNM", "1d", T0 + DAY, 20)])).await;
-    exec(&c, &insert_sql(&[bar("VNM", "1d", T0 + 3 * DAY, 40)])).await;
-    assert_eq!(latest(&c, "VNM", "1d").await, Some(bar_text(T0 + 3 * DAY, 40)));
-
-    // Out of order: a late, older candle is stored but does not replace the newer one.
-    exec(&c, &insert_sql(&[bar("VNM", "1d", T0 + 2 * DAY, 30)])).await;
-    assert_eq!(latest(&c, "VNM", "1d").await, Some(bar_text(T0 + 3 * DAY, 40)));
-
-    // One statement, newer row first: the row trigger sees the older one last.
-    exec(&c, &insert_sql(&[bar("VNM", "1d", T0 + 5 * DAY, 60), bar("VNM", "1d", T0 + 4 * DAY, 50)])).await;
-    assert_eq!(latest(&c, "VNM", "1d").await, Some(bar_text(T0 + 5 * DAY, 60)));
-
-    // An upsert that hits the latest bar fires the UPDATE trigger, and the rewrite lands.
-    exec(&c, &upsert_sql(&bar("VNM", "1d", T0 + 5 * DAY, 61))).await;
-    assert_eq!(latest(&c, "VNM", "1d").await, Some(bar_text(T0 + 5 * DAY, 61)));
-    // Rewriting an older bar does not.
-    exec(&c, &upsert_sql(&bar("VNM", "1d", T0 + 4 * DAY, 51))).await;
-    assert_eq!(latest(&c, "VNM", "1d").await, Some(bar_text(T0 + 5 * DAY, 61)));
-    // A plain UPDATE of the latest bar lands; of an older one, does not.
-    exec(
-        &c,
-        &format!(
-            "UPDATE public.candles SET close = 62, high = 63 WHERE ticker = 'VNM' AND tf = '1d' AND ts = {}",
-            T0 + 5 * DAY
-        ),
-    )
-    .await;
-    exec(&c, &format!("UPDATE public.candles SET close = 1, low = 1 WHERE ticker = 'VNM' AND tf = '1d' AND ts = {T0}"))
-        .await;
-    let ts = T0 + 5 * DAY;
-    assert_eq!(latest(&c, "VNM", "1d").await, Some(format!("{ts} 61 63 60 62 {}", ts % 1000 + 7)));
-    // An upsert that arrives as a brand-new newest bar goes through the INSERT path.
-    exec(&c, &upsert_sql(&bar("VNM", "1d", T0 + 6 * DAY, 70))).await;
-    assert_eq!(latest(&c, "VNM", "1d").await, Some(bar_text(T0 + 6 * DAY, 70)));
-
-    // Other timeframes and tickers are independent keys.
-    exec(&c, &insert_sql(&[bar("VNM", "1h", T0 + DAY, 11), bar("FPT", "1d", T0, 90)])).await;
-    assert_eq!(latest(&c, "VNM", "1h").await, Some(bar_text(T0 + DAY, 11)));
-    assert_eq!(latest(&c, "FPT", "1d").await, Some(bar_text(T0, 90)));
-    assert_eq!(latest(&c, "VNM", "1d").await, Some(bar_text(T0 + 6 * DAY, 70)));
+    latest_row_cases(&c, T0).await;
 
     // Decimal prices round-trip exactly (numeric, not binary floating point).
     exec(&c, "INSERT INTO public.candles VALUES ('E1VFVN30', '1m', 1700000060000, 0.1, 0.3, 0.1, 0.2, 5)").await;
@@ -574,6 +580,11 @@ async fn integer_now_function_is_epoch_ms_with_the_timescaledb_signature() {
     let (now_ms, nargs, returns, volatility): (i64, i32, String, String) =
         (row.get(0), row.get(1), row.get(2), row.get(3));
     assert_eq!((nargs, returns.as_str(), volatility.as_str()), (0, "bigint", "s"), "no args, bigint, STABLE");
+    assert_epoch_ms(now_ms);
+}
+
+/// Asserts `candles_now_ms()`'s value is this machine's clock in epoch ms (within a minute).
+fn assert_epoch_ms(now_ms: i64) {
     let wall_ms = i64::try_from(
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock after 1970").as_millis(),
     )
@@ -953,230 +964,4 @@ fn timescale_calls_parse_as_intended() {
         "COMMIT last"
     );
     assert_eq!(stmts.iter().filter(|s| tx_kind(s).is_some()).count(), 2, "exactly one transaction");
-}
-
-// ---------------------------------------------------------------------------------------
-// The TimescaleDB calls on a real TimescaleDB, when one is reachable.
-
-/// Drops the scratch database on the TimescaleDB server, also when the test panics.
-struct ScratchDb {
-    admin_conninfo: String,
-    name: String,
-}
-
-impl Drop for ScratchDb {
-    fn drop(&mut self) {
-        let _ = Command::new(pg_bin().join("psql"))
-            .args([
-                "-X",
-                "-d",
-                &self.admin_conninfo,
-                "-c",
-                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
-            ])
-            .output();
-    }
-}
-
-/// A libpq keyword conninfo for `dbname` on the server `cfg` points at.
-fn conninfo(cfg: &tokio_postgres::Config, dbname: &str) -> String {
-    let quote = |v: &str| format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"));
-    let mut parts = Vec::new();
-    match cfg.get_hosts().first() {
-        Some(tokio_postgres::config::Host::Tcp(h)) => parts.push(format!("host={}", quote(h))),
-        Some(tokio_postgres::config::Host::Unix(p)) => parts.push(format!("host={}", quote(&p.to_string_lossy()))),
-        None => {}
-    }
-    if let Some(p) = cfg.get_ports().first() {
-        parts.push(format!("port={p}"));
-    }
-    if let Some(u) = cfg.get_user() {
-        parts.push(format!("user={}", quote(u)));
-    }
-    if let Some(pw) = cfg.get_password() {
-        parts.push(format!("password={}", quote(&String::from_utf8_lossy(pw))));
-    }
-    let sslmode = match cfg.get_ssl_mode() {
-        tokio_postgres::config::SslMode::Disable => "disable",
-        tokio_postgres::config::SslMode::Require => "require",
-        _ => "prefer",
-    };
-    parts.push(format!("sslmode={sslmode}"));
-    parts.push(format!("dbname={}", quote(dbname)));
-    parts.join(" ")
-}
-
-/// Everything TimescaleDB knows about candles, as text, for before/after comparisons.
-async fn timescale_state(c: &Client) -> String {
-    let mut state = String::new();
-    for sql in [
-        "SELECT concat_ws(' ', column_name, column_type, dimension_type, integer_interval, integer_now_func) \
-         FROM timescaledb_information.dimensions WHERE hypertable_schema = 'public' AND hypertable_name = 'candles'",
-        "SELECT concat_ws(' ', num_dimensions, compression_enabled) \
-         FROM timescaledb_information.hypertables WHERE hypertable_schema = 'public' AND hypertable_name = 'candles'",
-        "SELECT concat_ws(' ', proc_name, schedule_interval, config) \
-         FROM timescaledb_information.jobs WHERE hypertable_schema = 'public' AND hypertable_name = 'candles' ORDER BY job_id",
-    ] {
-        for row in c.query(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")) {
-            state.push_str(row.get::<_, &str>(0));
-            state.push('\n');
-        }
-    }
-    state.push_str(&compression_settings(c).await);
-    state
-}
-
-/// (segmentby, orderby) as "ticker,tf | ts DESC", from whichever view this release has:
-/// `compression_settings` (one row per column) or, from 2.14, `hypertable_compression_settings`.
-async fn compression_settings(c: &Client) -> String {
-    let old = c
-        .query(
-            "SELECT attname::text, segmentby_column_index, orderby_column_index, orderby_asc \
-             FROM timescaledb_information.compression_settings \
-             WHERE hypertable_schema = 'public' AND hypertable_name = 'candles'",
-            &[],
-        )
-        .await;
-    match old {
-        Ok(rows) => {
-            let mut seg: Vec<(i16, String)> = Vec::new();
-            let mut ord: Vec<(i16, String)> = Vec::new();
-            for r in rows {
-                let name: String = r.get(0);
-                if let Some(i) = r.get::<_, Option<i16>>(1) {
-                    seg.push((i, name.clone()));
-                }
-                if let Some(i) = r.get::<_, Option<i16>>(2) {
-                    let asc: Option<bool> = r.get(3);
-                    ord.push((i, format!("{name} {}", if asc == Some(false) { "DESC" } else { "ASC" })));
-                }
-            }
-            seg.sort();
-            ord.sort();
-            let join = |v: Vec<(i16, String)>| v.into_iter().map(|(_, s)| s).collect::<Vec<_>>().join(",");
-            format!("{} | {}", join(seg), join(ord))
-        }
-        Err(_) => {
-            let r = c
-                .query_one(
-                    "SELECT coalesce(segmentby, ''), coalesce(orderby, '') \
-                     FROM timescaledb_information.hypertable_compression_settings \
-                     WHERE hypertable = 'public.candles'::regclass",
-                    &[],
-                )
-                .await
-                .expect("hypertable_compression_settings");
-            let norm = |s: String| {
-                s.split(',').map(|p| p.split_whitespace().collect::<Vec<_>>().join(" ")).collect::<Vec<_>>().join(",")
-            };
-            format!("{} | {}", norm(r.get(0)), norm(r.get(1)))
-        }
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn timescaledb_live() {
-    let Ok(url) = std::env::var("TIMESCALEDB_URL") else {
-        // Straight to stderr: libtest captures print!/eprintln!, not direct writes, so the
-        // skip shows in every run instead of passing silently.
-        let _ = writeln!(
-            std::io::stderr(),
-            "\nSKIPPED (live part of tests/schema.rs): TIMESCALEDB_URL is not set, so schema.sql's TimescaleDB \
-             calls were NOT run against TimescaleDB; only timescale_calls_parse_as_intended checked them with \
-             PostgreSQL's parser.\n"
-        );
-        return;
-    };
-    let cfg: tokio_postgres::Config = url.parse().expect("TIMESCALEDB_URL is a libpq URL or conninfo");
-    let (admin, conn) = cfg.connect(tokio_postgres::NoTls).await.expect("connect to TIMESCALEDB_URL");
-    tokio::spawn(conn);
-    let admin_db = cfg.get_dbname().unwrap_or("postgres").to_owned();
-    let name = format!("pgleader_schema_{}", std::process::id());
-    // Two round trips: CREATE DATABASE cannot run in a multi-statement (implicit) transaction.
-    exec(&admin, &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
-    exec(&admin, &format!("CREATE DATABASE {name}")).await;
-    let scratch = ScratchDb { admin_conninfo: conninfo(&cfg, &admin_db), name: name.clone() };
-    let target = conninfo(&cfg, &name);
-
-    let first = apply_with(&target, &[]);
-    assert!(first.status.success(), "applying schema.sql on TimescaleDB failed:\n{}", show(&first));
-    let mut db_cfg = cfg.clone();
-    db_cfg.dbname(&name);
-    let (c, conn) = db_cfg.connect(tokio_postgres::NoTls).await.expect("connect to the scratch database");
-    tokio::spawn(conn);
-    let version: String = c
-        .query_one("SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'", &[])
-        .await
-        .expect("timescaledb installed")
-        .get(0);
-    let _ = writeln!(std::io::stderr(), "timescaledb_live: TimescaleDB {version}");
-    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
-    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    assert!(major == 2 && minor >= 11, "schema.sql needs TimescaleDB 2.11+ (2.x), the server has {version}");
-
-    let state = timescale_state(&c).await;
-    let expect = [
-        "ts bigint Time 604800000 candles_now_ms\n",
-        "1 t\n",
-        "policy_compression ",
-        "\"compress_after\": 1209600000",
-        "ticker,tf | ts DESC",
-    ];
-    for e in expect {
-        assert!(state.contains(e), "TimescaleDB state lacks {e:?}:\n{state}");
-    }
-    let job_id: i32 = c
-        .query_one(
-            "SELECT job_id FROM timescaledb_information.jobs \
-             WHERE proc_name = 'policy_compression' AND hypertable_schema = 'public' AND hypertable_name = 'candles'",
-            &[],
-        )
-        .await
-        .expect("exactly one compression policy")
-        .get(0);
-
-    // A bar 30 days old (its chunk is past the 14-day policy) and one a day old. Running the
-    // policy job proves the integer-now function works: without it the job errors.
-    exec(
-        &c,
-        &format!(
-            "INSERT INTO public.candles VALUES \
-             ('VNM', '1d', (public.candles_now_ms() / {DAY} - 30) * {DAY}, 10, 11, 9, 10, 1), \
-             ('VNM', '1d', (public.candles_now_ms() / {DAY} - 1) * {DAY}, 20, 21, 19, 20, 1)"
-        ),
-    )
-    .await;
-    exec(&c, &format!("CALL run_job({job_id})")).await;
-    let compressed: i64 = c
-        .query_one(
-            "SELECT count(*) FROM timescaledb_information.chunks \
-             WHERE hypertable_schema = 'public' AND hypertable_name = 'candles' AND is_compressed",
-            &[],
-        )
-        .await
-        .expect("chunks")
-        .get(0);
-    assert_eq!(compressed, 1, "the policy compressed the old chunk and only that one");
-
-    // The trigger through compressed chunks (2.11+): a late bar, a rewrite of the old bar and a
-    // new key all land in the compressed chunk; the latest rows stay right.
-    let newest = "(SELECT max(ts) FROM public.candles WHERE ticker = 'VNM')";
-    exec(&c, &format!("INSERT INTO public.candles VALUES ('VNM', '1d', (public.candles_now_ms() / {DAY} - 29) * {DAY}, 15, 16, 14, 15, 1)")).await;
-    exec(&c, &format!("INSERT INTO public.candles VALUES ('VNM', '1d', (public.candles_now_ms() / {DAY} - 30) * {DAY}, 12, 13, 11, 12, 1) {UPSERT}")).await;
-    exec(&c, &format!("INSERT INTO public.candles VALUES ('FPT', '1d', (public.candles_now_ms() / {DAY} - 30) * {DAY}, 90, 91, 89, 90, 1)")).await;
-    let vnm: i64 = c
-        .query_one(&format!("SELECT {newest} - ts FROM public.candles_latest WHERE ticker = 'VNM'"), &[])
-        .await
-        .expect("VNM")
-        .get(0);
-    assert_eq!(vnm, 0, "older candles in a compressed chunk never replace the newest");
-    assert!(latest(&c, "FPT", "1d").await.is_some(), "a row landing in a compressed chunk fires the trigger");
-    assert_latest_matches_candles(&c).await;
-
-    // Re-apply with a compressed chunk present (the guarded ALTER): succeeds, changes nothing.
-    let second = apply_with(&target, &[]);
-    assert!(second.status.success(), "re-applying schema.sql with compressed chunks failed:\n{}", show(&second));
-    assert_eq!(timescale_state(&c).await, state, "the second apply changed TimescaleDB's settings");
-    drop(c);
-    drop(scratch);
 }

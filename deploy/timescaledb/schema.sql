@@ -164,9 +164,12 @@ SELECT create_hypertable('public.candles', 'ts',
 
 SELECT set_integer_now_func('public.candles', 'public.candles_now_ms', replace_if_exists => true);
 
--- TimescaleDB refuses ALTER TABLE .. SET (timescaledb.compress ..) once any chunk is
--- compressed, even with identical settings, so it only runs while compression is off. A
--- later change of these settings is a migration (decompress first), not a re-apply.
+-- TimescaleDB before 2.14 refuses ALTER TABLE .. SET (timescaledb.compress ..) once any chunk
+-- is compressed, even with identical settings (timescale/timescaledb#6137), so it only runs
+-- while compression is off. (2.14 and later accept it and keep each compressed chunk on the
+-- settings it was compressed with; the tests saw 2.23 do so.) A later change of these
+-- settings is a migration, not a re-apply: before 2.14 decompress first; from 2.14 only
+-- chunks compressed afterwards use the new settings.
 SELECT NOT compression_enabled AS candles_enable_compression
   FROM timescaledb_information.hypertables
  WHERE hypertable_schema = 'public' AND hypertable_name = 'candles'
