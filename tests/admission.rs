@@ -1,0 +1,297 @@
+//! Admission at the edges (issue 10), against real PostgreSQL: clients that give up while they
+//! wait, a burst of `max_connections` connects, cancel requests while there is no leader, and an
+//! older-timeline primary's sessions. Expectations are counts and states; durations are printed.
+
+mod common;
+
+use std::time::Duration;
+
+use common::pg::{PgCluster, PgNode};
+use common::proxy::{connect_via, metric, metric_at_least, wait_leader, ProxyBuilder};
+use common::{eventually, free_port};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A StartupMessage for protocol 3.0, written out byte by byte from the protocol docs.
+fn startup(user: &str, database: &str) -> Vec<u8> {
+    let mut body = 196_608u32.to_be_bytes().to_vec();
+    for (k, v) in [("user", user), ("database", database)] {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut msg = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    msg.extend_from_slice(&body);
+    msg
+}
+
+/// The SQLSTATE of an ErrorResponse ('E', length, fields, each a tag byte and a C string).
+fn sqlstate_of(msg: &[u8]) -> Option<String> {
+    if msg.first() != Some(&b'E') {
+        return None;
+    }
+    msg.get(5..)?.split(|&b| b == 0).find_map(|f| f.strip_prefix(b"C")).map(|c| String::from_utf8_lossy(c).into())
+}
+
+/// Runs blocking harness work (psql, pg_ctl) off the runtime that hosts the in-process proxy.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("blocking harness step")
+}
+
+/// Lines of the server log that record a connection authorized for `database`.
+fn authorized(node_log: &std::path::Path, database: &str) -> usize {
+    let log = std::fs::read_to_string(node_log).unwrap_or_default();
+    let needle = format!("database={database}");
+    log.lines().filter(|l| l.contains("connection authorized") && l.contains(&needle)).count()
+}
+
+fn raise_nofile(want: u64) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    if soft < want {
+        assert!(hard >= want, "need {want} open files, the hard limit is {hard}: raise it (ulimit -Hn)");
+        setrlimit(Resource::RLIMIT_NOFILE, want, hard).expect("setrlimit");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_leave_while_waiting_free_their_slots_and_open_no_backend_session() {
+    let cluster = blocking(|| {
+        let cluster = PgCluster::start();
+        cluster.primary.sql_ok("postgres", "CREATE DATABASE counted");
+        cluster.primary.wait_for_catchup(&cluster.replica);
+        cluster.replica.append_conf("log_connections = on\n");
+        cluster.replica.sql_ok("postgres", "SELECT pg_reload_conf()");
+        cluster
+    })
+    .await;
+    // Only the replica is configured: there is no leader until it is promoted.
+    let proxy = ProxyBuilder::new(&[&cluster.replica])
+        .proxy("max_connections", "5")
+        .proxy("leader_wait_timeout", "60s")
+        .start()
+        .await;
+    let admin = proxy.admin_addr;
+    wait_leader(admin, None).await;
+
+    let mut leaving = Vec::new();
+    for _ in 0..5 {
+        let mut s = TcpStream::connect(proxy.proxy_addr).await.unwrap();
+        s.write_all(&startup("postgres", "counted")).await.unwrap();
+        leaving.push(s);
+    }
+    eventually(Duration::from_secs(10), "5 clients waiting", || async {
+        (metric(admin, "pgleader_clients_waiting").await == Some(5.0)).then_some(())
+    })
+    .await;
+    drop(leaving);
+    metric_at_least(admin, "pgleader_sessions_total{result=\"abandoned\"}", 5.0).await;
+    assert_eq!(metric(admin, "pgleader_clients_waiting").await, Some(0.0));
+
+    // A sixth client is held, not refused: the five slots were freed when their clients left.
+    let sixth = tokio::spawn(async move {
+        let client = connect_via(proxy.proxy_addr, "counted").await?;
+        client.simple_query("SELECT 1").await?;
+        Ok::<_, tokio_postgres::Error>(client)
+    });
+    eventually(Duration::from_secs(10), "the sixth client waiting", || async {
+        (metric(admin, "pgleader_clients_waiting").await == Some(1.0)).then_some(())
+    })
+    .await;
+    assert_eq!(metric(admin, "pgleader_sessions_total{result=\"refused_limit\"}").await, Some(0.0));
+    let log = cluster.replica.logfile();
+    let before = authorized(&log, "counted");
+
+    let cluster = blocking(move || {
+        cluster.replica.promote();
+        cluster
+    })
+    .await;
+    let client = sixth.await.unwrap().expect("the held client is served once a leader appears");
+    let port: String = client.query_one("SELECT current_setting('port')", &[]).await.unwrap().get(0);
+    assert_eq!(port, cluster.replica.port().to_string());
+    assert_eq!(
+        authorized(&log, "counted") - before,
+        1,
+        "exactly one new backend session: none for the clients that left"
+    );
+    drop(client);
+    proxy.shutdown().await.unwrap();
+}
+
+/// The real binary, stopped with SIGSTOP while a burst arrives: only the kernel's accept queue
+/// holds the connections then, as when pgleader is busy while every pool reconnects at once.
+struct Stopped {
+    child: std::process::Child,
+    _config: tempfile::NamedTempFile,
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_max_connections_connects_is_queued_by_the_kernel_and_answered_in_full() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    use std::io::{BufRead, Write};
+    const BURST: usize = 1500;
+    raise_nofile(8192);
+    // No server behind the one backend: every client is held, then answered 57P03, which proves
+    // pgleader accepted every connection of the burst.
+    let (port, admin_port) = (free_port(), free_port());
+    let mut config = tempfile::NamedTempFile::new().unwrap();
+    write!(
+        config,
+        "[proxy]\nlisten = \"127.0.0.1:{port}\"\nmax_connections = {BURST}\nleader_wait_timeout = \"2s\"\n\
+         client_hello_timeout = \"60s\"\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n[log]\naccess = false\n\
+         [[backend]]\nname = \"gone\"\naddress = \"127.0.0.1:{}\"\n",
+        free_port()
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pgleader"))
+        .args(["--log-format", "json", "--config"])
+        .arg(config.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start pgleader");
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut lines = stderr.lines();
+    let started = lines.by_ref().map_while(Result::ok).any(|l| l.contains("pgleader started"));
+    assert!(started, "pgleader did not start");
+    std::thread::spawn(move || lines.for_each(drop));
+    let binary = Stopped { child, _config: config };
+    let pid = Pid::from_raw(binary.child.id() as i32);
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+
+    kill(pid, Signal::SIGSTOP).unwrap();
+    let mut burst = tokio::task::JoinSet::new();
+    let (connected_tx, mut connected_rx) = tokio::sync::mpsc::unbounded_channel();
+    for _ in 0..BURST {
+        let connected = connected_tx.clone();
+        burst.spawn(async move {
+            let mut s = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+            let _ = connected.send(());
+            s.write_all(&startup("app", "app")).await.map_err(|e| format!("send: {e}"))?;
+            let mut reply = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(120), s.read_to_end(&mut reply)).await;
+            match read {
+                Ok(Ok(_)) => Ok(sqlstate_of(&reply).unwrap_or_else(|| format!("no error: {reply:?}"))),
+                Ok(Err(e)) => Err(format!("read: {e}")),
+                Err(_) => Err("no answer within 120 s".to_owned()),
+            }
+        });
+    }
+    drop(connected_tx);
+    // While pgleader is stopped, a connect completes only if the kernel queued it.
+    let mut queued = 0;
+    while queued < BURST {
+        match tokio::time::timeout(Duration::from_secs(10), connected_rx.recv()).await {
+            Ok(Some(())) => queued += 1,
+            _ => break,
+        }
+    }
+    kill(pid, Signal::SIGCONT).unwrap();
+    eprintln!("connects completed while pgleader was stopped: {queued} of {BURST}");
+    assert_eq!(queued, BURST, "the listen backlog dropped part of the burst");
+    let mut answers = std::collections::BTreeMap::new();
+    while let Some(r) = burst.join_next().await {
+        let key = r.unwrap().unwrap_or_else(|e| e);
+        *answers.entry(key).or_insert(0usize) += 1;
+    }
+    eprintln!("answers: {answers:?}");
+    assert_eq!(answers, [("57P03".to_owned(), BURST)].into_iter().collect());
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    metric_at_least(admin, "pgleader_sessions_total{result=\"no_leader\"}", BURST as f64).await;
+    drop(binary);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_reaches_a_session_kept_while_there_is_no_leader() {
+    let primary = blocking(|| {
+        let primary = PgNode::start_primary("cancel");
+        primary.sql_ok("postgres", "CREATE DATABASE hc");
+        primary
+    })
+    .await;
+    // Checks use their own database, so they can be broken without touching the session's.
+    let proxy = ProxyBuilder::new(&[&primary]).health("database", "hc").health("fall", "1000").start().await;
+    let admin = proxy.admin_addr;
+    wait_leader(admin, Some("cancel")).await;
+    let (client, conn) =
+        tokio_postgres::connect(&common::proxy::via(proxy.proxy_addr, "postgres", "postgres"), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let token = client.cancel_token();
+
+    // No leader, but the session is kept (one failure is far from `fall`).
+    let p = primary.port();
+    blocking(move || {
+        let node = format!("host=127.0.0.1 port={p} user=postgres dbname=postgres");
+        let sql = "ALTER DATABASE hc ALLOW_CONNECTIONS false; \
+                   SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'hc'";
+        let out = std::process::Command::new(common::pg::pg_bin().join("psql"))
+            .args(["-X", "-v", "ON_ERROR_STOP=1", "-d", &node, "-c", sql])
+            .output()
+            .expect("psql");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    })
+    .await;
+    wait_leader(admin, None).await;
+    assert_eq!(client.simple_query("SELECT 1").await.map(|_| ()).ok(), Some(()), "the session is kept");
+
+    let sleeping = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(60)").await.map(|_| ()) });
+    // Until the backend runs the query, a cancel has nothing to cancel; wait for it to start.
+    let p = primary.port();
+    eventually(Duration::from_secs(10), "the query running", || async move {
+        let node = format!("host=127.0.0.1 port={p} user=postgres dbname=postgres");
+        let (c, conn) = tokio_postgres::connect(&node, tokio_postgres::NoTls).await.ok()?;
+        tokio::spawn(conn);
+        let row = c.query_one("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)'", &[]).await;
+        (row.ok()?.get::<_, i64>(0) == 1).then_some(())
+    })
+    .await;
+    let started = tokio::time::Instant::now();
+    token.cancel_query(tokio_postgres::NoTls).await.expect("send the cancel through pgleader");
+    let result = tokio::time::timeout(Duration::from_secs(30), sleeping).await.expect("the query ended").unwrap();
+    eprintln!("query cancelled {:?} after the cancel request", started.elapsed());
+    let err = result.expect_err("the query was cancelled");
+    assert_eq!(err.code().map(|c| c.code()), Some("57014"), "{err}");
+    metric_at_least(admin, "pgleader_sessions_total{result=\"cancel_forwarded\"}", 1.0).await;
+    assert_eq!(metric(admin, "pgleader_sessions_total{result=\"no_leader\"}").await, Some(0.0));
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_timeline_loses_its_sessions_while_the_newer_primary_is_still_rising() {
+    let cluster = blocking(PgCluster::start).await;
+    let proxy = ProxyBuilder::new(&[&cluster.primary, &cluster.replica]).start().await;
+    let admin = proxy.admin_addr;
+    wait_leader(admin, Some("primary")).await;
+    let old = connect_via(proxy.proxy_addr, "postgres").await.unwrap();
+    old.simple_query("SELECT 1").await.unwrap();
+    // rise 1000 from now on: the promoted node cannot become routable during this test.
+    let mut config = ProxyBuilder::new(&[&cluster.primary, &cluster.replica]).health("rise", "1000").config();
+    config.proxy.listen = proxy.proxy_addr;
+    config.admin.listen = proxy.admin_addr;
+    proxy.reload(config).await.expect("reload rise");
+
+    let cluster = blocking(move || {
+        cluster.replica.promote();
+        cluster
+    })
+    .await;
+    eventually(Duration::from_secs(10), "old session cut", || async { old.is_closed().then_some(()) }).await;
+    assert_eq!(metric(admin, "pgleader_sessions_cut_total{reason=\"older_timeline\"}").await, Some(1.0));
+    let s = common::proxy::status(admin).await;
+    assert_eq!(s["leader"], serde_json::Value::Null, "the newer primary has not risen, the old one is stale");
+    assert_eq!(s["backends"][0]["role"], "primary", "the old primary still runs");
+    drop(cluster);
+    proxy.shutdown().await.unwrap();
+}
