@@ -14,6 +14,8 @@ pub const EXPORTED_METRICS: &[&str] = &[
     "pgleader_clients_waiting",
     "pgleader_sessions_active",
     "pgleader_sessions_total",
+    "pgleader_sessions_cut_total",
+    "pgleader_task_restarts_total",
     "pgleader_session_bytes_total",
     "pgleader_health_checks_total",
     "pgleader_health_check_duration_seconds",
