@@ -121,52 +121,71 @@ async fn clients_that_leave_while_waiting_free_their_slots_and_open_no_backend_s
     proxy.shutdown().await.unwrap();
 }
 
-/// The real binary, stopped with SIGSTOP while a burst arrives: only the kernel's accept queue
-/// holds the connections then, as when pgleader is busy while every pool reconnects at once.
-struct Stopped {
+/// The real binary with its JSON log lines collected (killed on drop).
+struct Binary {
     child: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
     _config: tempfile::NamedTempFile,
 }
 
-impl Drop for Stopped {
+impl Drop for Binary {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
+impl Binary {
+    /// Starts `pgleader --config` on `config` and returns once it logged that it started.
+    fn start(config: &str) -> Binary {
+        use std::io::{BufRead, Write};
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(config.as_bytes()).unwrap();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pgleader"))
+            .args(["--log-format", "json", "--config"])
+            .arg(file.path())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start pgleader");
+        let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (sink, (started_tx, started_rx)) = (std::sync::Arc::clone(&lines), std::sync::mpsc::channel());
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                if line.contains("pgleader started") {
+                    let _ = started_tx.send(());
+                }
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    sink.lock().unwrap().push(v);
+                }
+            }
+        });
+        started_rx.recv_timeout(Duration::from_secs(30)).expect("pgleader started");
+        Binary { child, lines, _config: file }
+    }
+
+    fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.id() as i32)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_max_connections_connects_is_queued_by_the_kernel_and_answered_in_full() {
     use nix::sys::signal::{kill, Signal};
-    use nix::unistd::Pid;
-    use std::io::{BufRead, Write};
     const BURST: usize = 1500;
     raise_nofile(8192);
     // No server behind the one backend: every client is held, then answered 57P03, which proves
-    // pgleader accepted every connection of the burst.
+    // pgleader accepted every connection of the burst. While pgleader is stopped (SIGSTOP) only
+    // the kernel's accept queue holds the connections, as when it is busy while every pool
+    // reconnects at once.
     let (port, admin_port) = (free_port(), free_port());
-    let mut config = tempfile::NamedTempFile::new().unwrap();
-    write!(
-        config,
+    let binary = Binary::start(&format!(
         "[proxy]\nlisten = \"127.0.0.1:{port}\"\nmax_connections = {BURST}\nleader_wait_timeout = \"2s\"\n\
          client_hello_timeout = \"60s\"\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n[log]\naccess = false\n\
          [[backend]]\nname = \"gone\"\naddress = \"127.0.0.1:{}\"\n",
         free_port()
-    )
-    .unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pgleader"))
-        .args(["--log-format", "json", "--config"])
-        .arg(config.path())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start pgleader");
-    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
-    let mut lines = stderr.lines();
-    let started = lines.by_ref().map_while(Result::ok).any(|l| l.contains("pgleader started"));
-    assert!(started, "pgleader did not start");
-    std::thread::spawn(move || lines.for_each(drop));
-    let binary = Stopped { child, _config: config };
-    let pid = Pid::from_raw(binary.child.id() as i32);
+    ));
+    let pid = binary.pid();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
 
     kill(pid, Signal::SIGSTOP).unwrap();
@@ -294,4 +313,36 @@ async fn an_older_timeline_loses_its_sessions_while_the_newer_primary_is_still_r
     assert_eq!(s["backends"][0]["role"], "primary", "the old primary still runs");
     drop(cluster);
     proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_closed_by_the_grace_timer_are_logged_with_their_backend_and_bytes() {
+    use nix::sys::signal::{kill, Signal};
+    let primary = blocking(|| PgNode::start_primary("grace")).await;
+    let (port, admin_port) = (free_port(), free_port());
+    let binary = Binary::start(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"1s\"\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\
+         [health]\nuser = \"postgres\"\ninterval = \"200ms\"\n[[backend]]\nname = \"grace\"\naddress = \"{}\"\n",
+        primary.addr()
+    ));
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    wait_leader(admin, Some("grace")).await;
+    let client = connect_via(format!("127.0.0.1:{port}").parse().unwrap(), "postgres").await.unwrap();
+    client.simple_query("SELECT repeat('x', 1000)").await.unwrap();
+    kill(binary.pid(), Signal::SIGTERM).unwrap();
+    let mut binary = binary;
+    let code = blocking(move || {
+        let code = binary.child.wait().expect("wait").code();
+        (code, binary)
+    })
+    .await;
+    assert_eq!(code.0, Some(0), "a drain exits 0");
+    let lines = code.1.lines.lock().unwrap().clone();
+    let access: Vec<&serde_json::Value> = lines.iter().filter(|l| l["target"] == "pgleader::access").collect();
+    assert_eq!(access.len(), 1, "one access line: {access:?}");
+    let f = &access[0]["fields"];
+    assert_eq!(f["result"], "shutdown");
+    assert_eq!(f["backend"], "grace");
+    assert!(f["bytes_up"].as_u64().unwrap() > 0 && f["bytes_down"].as_u64().unwrap() > 1000, "{f}");
+    assert!(client.simple_query("SELECT 1").await.is_err(), "the session was closed");
 }
