@@ -139,15 +139,15 @@ impl Binary {
     /// Starts `pgleader --config` on `config` and returns once it logged that it started.
     fn start(config: &str) -> Binary {
         use std::io::{BufRead, Write};
-        let mut file = tempfile::NamedTempFile::new().unwrap();
-        file.write_all(config.as_bytes()).unwrap();
+        let mut file = tempfile::NamedTempFile::new().expect("temp config");
+        file.write_all(config.as_bytes()).expect("write config");
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pgleader"))
             .args(["--log-format", "json", "--config"])
             .arg(file.path())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("start pgleader");
-        let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+        let stderr = std::io::BufReader::new(child.stderr.take().expect("piped stderr"));
         let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let (sink, (started_tx, started_rx)) = (std::sync::Arc::clone(&lines), std::sync::mpsc::channel());
         std::thread::spawn(move || {
@@ -156,7 +156,7 @@ impl Binary {
                     let _ = started_tx.send(());
                 }
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                    sink.lock().unwrap().push(v);
+                    sink.lock().expect("log lines").push(v);
                 }
             }
         });
