@@ -62,6 +62,20 @@ fn check_config_names_the_file_the_key_and_the_line() {
     assert_eq!(code, 2);
     assert!(stderr.contains("interval") && stderr.contains("line 2"), "{stderr}");
 
+    // Past their bounds (README's configuration table): each key is named with its line.
+    let huge = write_temp(
+        "[proxy]\nmax_connections = 3000000\n[health]\ninterval = \"2h\"\nrise = 0\n[[backend]]\nname = \"a\"\naddress = \"h:1\"\n",
+    );
+    let (code, _, stderr) = check_config(huge.path());
+    assert_eq!(code, 2);
+    for want in [
+        "proxy.max_connections (line 2): 3000000 is above the maximum of 262143",
+        "health.interval (line 4): 2h is above the maximum of 1m",
+        "health.rise (line 5): must be at least 1",
+    ] {
+        assert!(stderr.contains(want), "wanted {want:?} in: {stderr}");
+    }
+
     let secret = write_temp("[health]\npassword = \"hunter2\"\n[[backend]]\nname = \"a\"\naddress = \"h:1\"\n");
     let (code, stdout, _) = check_config(secret.path());
     assert_eq!(code, 0);

@@ -10,6 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::pg::PgNode;
 
 /// Builds the TOML for a test pgleader; every key can be overridden.
+#[derive(Clone)]
 pub struct ProxyBuilder {
     backends: Vec<(String, String)>,
     proxy: Vec<(String, String)>,
