@@ -93,6 +93,17 @@ pub async fn connect_via(proxy: SocketAddr, dbname: &str) -> Result<tokio_postgr
     Ok(client)
 }
 
+/// psql through the proxy as `postgres` (`extra`: more conninfo such as `sslmode=require`), run
+/// on tokio's process driver so the runtime that hosts the in-process pgleader keeps running.
+pub async fn psql_via(proxy: SocketAddr, extra: &str, sql: &str) -> std::process::Output {
+    let conn = format!("host={} port={} user=postgres dbname=postgres {extra}", proxy.ip(), proxy.port());
+    tokio::process::Command::new(super::pg::pg_bin().join("psql"))
+        .args(["-X", "-At", "-d", &conn, "-c", sql])
+        .output()
+        .await
+        .expect("run psql")
+}
+
 /// GET (or another method) over HTTP/1.1; returns status and body.
 pub async fn http(method: &str, addr: SocketAddr, path: &str) -> (u16, String) {
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect admin");
