@@ -6,8 +6,8 @@
 //!
 //! Each accepted configuration is started for real (`pgleader::start`, listeners on
 //! 127.0.0.1:0, one backend at a loopback port nobody listens on), then reloaded with a second
-//! generated configuration, then shut down. A panic anywhere (also in a spawned task, which tokio
-//! would swallow) fails the case.
+//! generated configuration, then shut down. A panic fails the case: on this thread proptest
+//! catches it, in a spawned task (which tokio would swallow) the worker-panic hook counts it.
 
 #![allow(clippy::unwrap_used, reason = "in tests a panic is the failure report")]
 
@@ -17,20 +17,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use proptest::prelude::*;
-
-/// Panics on any thread of this test binary since the hook was installed.
-static PANICS: AtomicUsize = AtomicUsize::new(0);
-
-fn count_panics() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            PANICS.fetch_add(1, Ordering::SeqCst);
-            previous(info);
-        }));
-    });
-}
 
 /// A duration key: section, name, its upper bound, and whether zero is allowed.
 const DURATIONS: [(&str, &str, Duration, bool); 7] = [
@@ -156,7 +142,7 @@ async fn start_reload_stop(config: pgleader::Config, next: pgleader::Config) -> 
 
 #[test]
 fn accepted_configurations_never_panic_startup_or_reload() {
-    count_panics();
+    common::watch_worker_panics();
     common::proxy::init_test_tracing();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let backend_port = common::free_port();
@@ -187,7 +173,7 @@ fn accepted_configurations_never_panic_startup_or_reload() {
         let next = next.unwrap();
         let outcome = runtime.block_on(start_reload_stop(config, next));
         prop_assert!(outcome.is_ok(), "{}", outcome.unwrap_err());
-        prop_assert_eq!(PANICS.load(Ordering::SeqCst), 0, "a task panicked (see above)");
+        prop_assert_eq!(common::WORKER_PANICS.load(Ordering::SeqCst), 0, "a task panicked (see above)");
         accepted.fetch_add(1, Ordering::Relaxed);
         Ok(())
     });

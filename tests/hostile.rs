@@ -17,7 +17,7 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,24 +29,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::task::JoinSet;
 
-/// Panics seen on tokio worker threads, where pgleader's tasks run (tokio would swallow them).
-static WORKER_PANICS: AtomicUsize = AtomicUsize::new(0);
-
-fn watch_panics() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if std::thread::current().name().is_some_and(|n| n.starts_with("tokio-runtime-worker")) {
-                WORKER_PANICS.fetch_add(1, Ordering::SeqCst);
-            }
-            previous(info);
-        }));
-    });
-}
-
 fn assert_no_panics() {
-    assert_eq!(WORKER_PANICS.load(Ordering::SeqCst), 0, "a task panicked (see the output above)");
+    assert_eq!(common::WORKER_PANICS.load(Ordering::SeqCst), 0, "a task panicked (see the output above)");
 }
 
 /// Makes sure this process may open `want` files (the in-process tests hold both ends of every
@@ -185,7 +169,7 @@ fn startup_of_length(total: usize) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_first_packets_get_08p01_or_0a000_and_a_clean_close() {
-    watch_panics();
+    common::watch_worker_panics();
     let primary = PgNode::start_primary("garbage2");
     let proxy = ProxyBuilder::new(&[&primary]).proxy("client_hello_timeout", "1s").start().await;
     wait_leader(proxy.admin_addr, Some("garbage2")).await;
@@ -403,7 +387,7 @@ async fn client_backends(node: &PgNode) -> usize {
 async fn two_thousand_silent_clients_are_closed_at_the_hello_timeout_and_block_no_one() {
     const SILENT: usize = 2000;
     const DRIBBLERS: usize = 10;
-    watch_panics();
+    common::watch_worker_panics();
     raise_nofile(3 * SILENT as u64 + 1024);
     let primary = PgNode::start_primary("silent");
     let proxy = ProxyBuilder::new(&[&primary])
@@ -500,7 +484,7 @@ enum FloodOutcome {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_past_max_connections_gets_53300_and_service_continues() {
     const MAX: usize = 25;
-    watch_panics();
+    common::watch_worker_panics();
     raise_nofile(4096);
     let primary = PgNode::start_primary("flood");
     let proxy = ProxyBuilder::new(&[&primary])
@@ -771,7 +755,7 @@ async fn read_message(s: &mut TcpStream) -> (u8, Vec<u8>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_outside_allow_get_28000_and_cannot_cancel() {
-    watch_panics();
+    common::watch_worker_panics();
     let primary = PgNode::start_primary("allow");
     // Dual-stack listener: an IPv4 client arrives as ::ffff:127.0.0.x and must still match.
     let mut config = ProxyBuilder::new(&[&primary]).proxy("allow", "[\"127.0.0.2/32\", \"::1/128\"]").config();
@@ -898,7 +882,7 @@ async fn the_access_log_has_one_line_per_session_and_can_be_turned_off() {
 /// StartupMessage there can be answered like a garbage first packet (08P01 / 0A000).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_after_an_ssl_request_answered_n_gets_an_error_too() {
-    watch_panics();
+    common::watch_worker_panics();
     let primary = PgNode::start_primary("ssl-garbage");
     let proxy = ProxyBuilder::new(&[&primary]).proxy("client_hello_timeout", "1s").start().await;
     wait_leader(proxy.admin_addr, Some("ssl-garbage")).await;
@@ -925,7 +909,7 @@ async fn garbage_after_an_ssl_request_answered_n_gets_an_error_too() {
 /// hold one of the `max_connections` slots that allowed clients need.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_clients_outside_allow_do_not_take_the_slots_of_allowed_ones() {
-    watch_panics();
+    common::watch_worker_panics();
     let primary = PgNode::start_primary("allow-slots");
     let proxy = ProxyBuilder::new(&[&primary])
         .proxy("allow", "[\"127.0.0.2/32\"]")
@@ -952,7 +936,7 @@ async fn silent_clients_outside_allow_do_not_take_the_slots_of_allowed_ones() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_limit_connections_past_the_refusal_bound_are_closed_at_once() {
     const IN_FLIGHT: usize = 256;
-    watch_panics();
+    common::watch_worker_panics();
     raise_nofile(4096);
     let primary = PgNode::start_primary("bound");
     let proxy =

@@ -133,8 +133,19 @@ impl Process {
         Process { child, proxy, admin, logs }
     }
 
-    fn sigterm(&self) {
+    /// SIGTERM, then waits until the drain shows: `/readyz` says draining and new connections
+    /// are refused.
+    async fn sigterm_and_wait_draining(&self) {
         kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM).unwrap();
+        common::eventually(Duration::from_secs(10), "not ready while draining", || async {
+            let (code, body) = get(self.admin, "/readyz").await;
+            (code == 503 && body.contains("draining")).then_some(())
+        })
+        .await;
+        common::eventually(Duration::from_secs(10), "new connections refused", || async {
+            tokio::net::TcpStream::connect(self.proxy).await.is_err().then_some(())
+        })
+        .await;
     }
 
     /// Polls (without blocking the runtime) until the process exits; its exit code.
@@ -171,16 +182,7 @@ async fn sigterm_drains_open_sessions_then_exits_zero() {
     wait_ready(pgleader.admin).await;
     let session = connect_via(pgleader.proxy, "postgres").await.unwrap();
 
-    pgleader.sigterm();
-    common::eventually(Duration::from_secs(10), "not ready while draining", || async {
-        let (code, body) = get(pgleader.admin, "/readyz").await;
-        (code == 503 && body.contains("draining")).then_some(())
-    })
-    .await;
-    common::eventually(Duration::from_secs(10), "no new clients", || async {
-        tokio::net::TcpStream::connect(pgleader.proxy).await.is_err().then_some(())
-    })
-    .await;
+    pgleader.sigterm_and_wait_draining().await;
     // The open session keeps working through the drain.
     let row = session.query_one("SELECT 42", &[]).await.expect("the session survives the drain");
     assert_eq!(row.get::<_, i32>(0), 42);
@@ -215,16 +217,7 @@ async fn sigterm_cuts_sessions_left_at_the_end_of_the_grace_period() {
     session.batch_execute("CREATE TEMP TABLE during_grace (n int)").await.unwrap();
 
     let sigterm = std::time::Instant::now();
-    pgleader.sigterm();
-    common::eventually(Duration::from_secs(10), "not ready while draining", || async {
-        let (code, body) = get(pgleader.admin, "/readyz").await;
-        (code == 503 && body.contains("draining")).then_some(())
-    })
-    .await;
-    common::eventually(Duration::from_secs(10), "new connections refused", || async {
-        tokio::net::TcpStream::connect(pgleader.proxy).await.is_err().then_some(())
-    })
-    .await;
+    pgleader.sigterm_and_wait_draining().await;
     // Inside the grace period: draining and refusing, yet the open session still runs queries.
     for n in 1..=3 {
         let row = session

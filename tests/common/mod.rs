@@ -58,6 +58,24 @@ pub fn port_was_taken(log: &str) -> bool {
     log.contains("Address already in use") || log.contains("address already in use")
 }
 
+/// Panics on tokio worker threads, where an in-process pgleader's tasks run: tokio would
+/// swallow them (a task's panic only ends that task). Counted from [`watch_worker_panics`] on.
+pub static WORKER_PANICS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Installs (once per test binary) the panic hook that counts [`WORKER_PANICS`].
+pub fn watch_worker_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if std::thread::current().name().is_some_and(|n| n.starts_with("tokio-runtime-worker")) {
+                WORKER_PANICS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            previous(info);
+        }));
+    });
+}
+
 /// Polls `check` every 50 ms until it holds, panicking with `what` after `patience`.
 pub fn eventually_blocking(patience: Duration, what: &str, mut check: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + patience;
