@@ -15,17 +15,30 @@
 //! Readiness is derived (table has a leader, drain token not cancelled), never stored. Handlers
 //! hold only read-only handles; the server runs on the main runtime, and each connection is raced
 //! against the stop token so a drain ends cleanly.
+//!
+//! In production the admin port listens on the node's tailnet address, so a slow or flooding
+//! HTTP client must not be able to hold it:
+//! - a request's headers must arrive within [`HEADER_READ_TIMEOUT`] (hyper's header timer, which
+//!   also closes a kept-alive connection idle that long);
+//! - at most [`MAX_CONNECTIONS`] connections are open at once. At the cap a new connection takes
+//!   the slot of the oldest one with no request being handled (it is closed: an idle or
+//!   slow-headers client), so a flood of idle sockets cannot keep `/readyz` from a Nomad check;
+//!   when every connection has a request in flight, the new one is closed at once. Both are
+//!   logged at DEBUG with running totals;
+//! - a failed `accept` (EMFILE, ...) backs off from 10 ms doubling to 1 s, raced with `stop`.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -57,36 +70,147 @@ pub struct Admin {
     pub stop: CancellationToken,
 }
 
+/// How long a client may take to send a request's headers (and how long a kept-alive connection
+/// may sit idle): longer than Prometheus' scrape interval (5 s in `deploy/prometheus`), so its
+/// kept-alive connection is reused.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Admin connections open at once. Prometheus, the Nomad check and an operator need a handful.
+pub const MAX_CONNECTIONS: usize = 64;
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
 impl Admin {
-    /// Serves until `stop` is cancelled.
+    /// Serves until `stop` is cancelled. Cancel safe.
     pub async fn run(self) {
+        let slots = Arc::new(Slots::new(MAX_CONNECTIONS));
+        let mut backoff = ACCEPT_BACKOFF_MIN;
         loop {
             let accepted = tokio::select! {
                 () = self.stop.cancelled() => return,
                 r = self.listener.accept() => r,
             };
             let (stream, peer) = match accepted {
-                Ok(a) => a,
+                Ok(a) => {
+                    backoff = ACCEPT_BACKOFF_MIN;
+                    a
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    tracing::warn!(error = %e, retry_in = ?backoff, "admin accept failed");
+                    tokio::select! {
+                        () = self.stop.cancelled() => return,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                     continue;
                 }
             };
+            let Some(slot) = slots.take(peer) else { continue };
             let state = Arc::clone(&self.state);
             let stop = self.stop.clone();
             tokio::spawn(async move {
+                let busy = Arc::clone(&slot.busy);
                 let service = hyper::service::service_fn(move |req| {
                     let state = Arc::clone(&state);
-                    async move { Ok::<_, Infallible>(handle(&state, &req, peer).await) }
+                    let in_flight = InFlight::new(&busy);
+                    async move {
+                        let rsp = handle(&state, &req, peer).await;
+                        drop(in_flight);
+                        Ok::<_, Infallible>(rsp)
+                    }
                 });
-                let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .serve_connection(TokioIo::new(stream), service);
                 tokio::select! {
-                    r = conn => if let Err(e) = r { tracing::debug!(error = %e, "admin connection failed") },
+                    r = conn => if let Err(e) = r { tracing::debug!(%peer, error = %e, "admin connection closed") },
+                    () = slot.evicted.cancelled() => {}
                     () = stop.cancelled() => {}
                 }
+                drop(slot);
             });
         }
+    }
+}
+
+/// The open admin connections, in accept order, for the cap.
+struct Slots {
+    max: usize,
+    open: Mutex<BTreeMap<u64, (Arc<AtomicUsize>, CancellationToken)>>,
+    next_id: AtomicU64,
+    /// Running totals for the DEBUG lines.
+    evicted: AtomicU64,
+    refused: AtomicU64,
+}
+
+/// One open connection's place in [`Slots`]; dropping it (when the connection ends) frees it.
+struct Slot {
+    id: u64,
+    slots: Arc<Slots>,
+    /// Requests being handled on this connection: a connection with one is never evicted.
+    busy: Arc<AtomicUsize>,
+    /// Cancelled when a newer connection takes this slot.
+    evicted: CancellationToken,
+}
+
+impl Slots {
+    fn new(max: usize) -> Slots {
+        Slots {
+            max: max.max(1),
+            open: Mutex::new(BTreeMap::new()),
+            next_id: AtomicU64::new(0),
+            evicted: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+        }
+    }
+
+    /// A slot for a new connection from `peer`: a free one, or the oldest idle connection's
+    /// (which is closed); `None` when every connection has a request in flight.
+    fn take(self: &Arc<Slots>, peer: SocketAddr) -> Option<Slot> {
+        let mut open = self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if open.len() >= self.max {
+            let idle = open.iter().find(|(_, (busy, _))| busy.load(Ordering::SeqCst) == 0).map(|(id, _)| *id);
+            match idle.and_then(|id| open.remove(&id)) {
+                Some((_, evicted)) => {
+                    evicted.cancel();
+                    let total = self.evicted.fetch_add(1, Ordering::Relaxed) + 1;
+                    tracing::debug!(%peer, max = self.max, evicted_total = total,
+                        "admin connections at the cap: closed the oldest idle one for this one");
+                }
+                None => {
+                    let total = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+                    tracing::debug!(%peer, max = self.max, refused_total = total,
+                        "admin connections at the cap, every one busy: closed this one at once");
+                    return None;
+                }
+            }
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (busy, evicted) = (Arc::new(AtomicUsize::new(0)), CancellationToken::new());
+        open.insert(id, (Arc::clone(&busy), evicted.clone()));
+        Some(Slot { id, slots: Arc::clone(self), busy, evicted })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.slots.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&self.id);
+    }
+}
+
+/// Counts a request as being handled while it lives (also when its future is dropped).
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn new(busy: &Arc<AtomicUsize>) -> InFlight {
+        busy.fetch_add(1, Ordering::SeqCst);
+        InFlight(Arc::clone(busy))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -351,6 +475,26 @@ mod tests {
         let (code, text) = tokio::task::spawn_blocking(move || body(rsp)).await.unwrap();
         assert_eq!(code, StatusCode::BAD_REQUEST);
         assert!(text.contains("bad key"));
+    }
+
+    #[test]
+    fn at_the_cap_a_new_connection_takes_the_oldest_idle_slot_or_is_refused() {
+        let slots = Arc::new(Slots::new(2));
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let (a, b) = (slots.take(peer).unwrap(), slots.take(peer).unwrap());
+        let busy_a = InFlight::new(&a.busy);
+        let c = slots.take(peer).expect("b is idle: c takes its slot");
+        assert!(b.evicted.is_cancelled() && !a.evicted.is_cancelled(), "the idle one is closed, not the busy one");
+        let busy_c = InFlight::new(&c.busy);
+        assert!(slots.take(peer).is_none(), "every connection busy: the new one is refused");
+        assert_eq!((slots.evicted.load(Ordering::Relaxed), slots.refused.load(Ordering::Relaxed)), (1, 1));
+        drop(b);
+        assert_eq!(slots.open.lock().unwrap().len(), 2, "an evicted slot is already free");
+        drop(busy_a);
+        let d = slots.take(peer).expect("a is idle again");
+        assert!(a.evicted.is_cancelled());
+        drop((a, c, d, busy_c));
+        assert!(slots.open.lock().unwrap().is_empty(), "every ended connection frees its slot");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! into a [`Config`] so an unvalidated value cannot leak. Errors name the file, the key and the
 //! line. This module must not depend on tokio or on any other module of the crate.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -264,6 +265,12 @@ impl Config {
         Config::from_toml(&text, &path.display().to_string())
     }
 
+    /// The [`bounds`] problems of a configuration changed in code after validation (a file's
+    /// are reported by [`Config::from_toml`] with their lines); empty when every key is in range.
+    pub fn out_of_bounds(&self) -> Vec<String> {
+        bound_problems(&self.proxy, &self.health, &KeyLines::default())
+    }
+
     /// The effective configuration as TOML, secrets masked (for `check-config`).
     pub fn to_toml(&self) -> String {
         toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
@@ -299,7 +306,6 @@ impl RawConfig {
     /// [`ConfigError::Invalid`] listing each problem with its key and line.
     pub fn validate(self, text: &str, origin: &str) -> Result<Config, ConfigError> {
         let mut problems = Vec::new();
-        let line_of = |key: &str| key_line(text, key).map(|l| format!(" (line {l})")).unwrap_or_default();
         if self.backend.is_empty() {
             problems.push("backend: at least one [[backend]] is required".to_owned());
         }
@@ -326,30 +332,9 @@ impl RawConfig {
             }
         }
         let h = &self.health;
-        if h.rise == 0 {
-            problems.push(format!("health.rise{}: must be at least 1", line_of("rise")));
-        }
-        if h.fall == 0 {
-            problems.push(format!("health.fall{}: must be at least 1", line_of("fall")));
-        }
-        for (key, d) in [("interval", h.interval), ("fast_interval", h.fast_interval), ("timeout", h.timeout)] {
-            if d.is_zero() {
-                problems.push(format!("health.{key}{}: must be greater than zero", line_of(key)));
-            }
-        }
         let p = &self.proxy;
-        for (key, d) in [
-            ("leader_wait_timeout", p.leader_wait_timeout),
-            ("connect_timeout", p.connect_timeout),
-            ("client_hello_timeout", p.client_hello_timeout),
-        ] {
-            if d.is_zero() {
-                problems.push(format!("proxy.{key}{}: must be greater than zero", line_of(key)));
-            }
-        }
-        if p.max_connections == 0 {
-            problems.push(format!("proxy.max_connections{}: must be at least 1", line_of("max_connections")));
-        }
+        let lines = KeyLines::read(text);
+        problems.extend(bound_problems(p, h, &lines));
         let secrets = [h.password.is_some(), h.password_env.is_some(), h.password_file.is_some()];
         if secrets.iter().filter(|s| **s).count() > 1 {
             problems.push("health: set at most one of password, password_env, password_file".to_owned());
@@ -360,15 +345,18 @@ impl RawConfig {
         if p.allow.is_empty() {
             problems.push(format!(
                 "proxy.allow{}: an empty list refuses every client; remove the key to allow all",
-                line_of("allow")
+                lines.at("proxy", "allow")
             ));
         }
         if h.ca_file.is_some() && h.sslmode != SslMode::VerifyFull {
-            problems.push(format!("health.ca_file{}: only used with sslmode = \"verify-full\"", line_of("ca_file")));
+            problems.push(format!(
+                "health.ca_file{}: only used with sslmode = \"verify-full\"",
+                lines.at("health", "ca_file")
+            ));
         }
         if let Some(filter) = &self.log.filter {
             if tracing_subscriber::EnvFilter::try_new(filter).is_err() {
-                problems.push(format!("log.filter{}: `{filter}` is not a valid filter", line_of("filter")));
+                problems.push(format!("log.filter{}: `{filter}` is not a valid filter", lines.at("log", "filter")));
             }
         }
         if !problems.is_empty() {
@@ -422,14 +410,113 @@ fn line_at(text: &str, offset: usize) -> usize {
     text.get(..offset).map_or(0, |s| s.matches('\n').count()) + 1
 }
 
-/// The first line assigning `key` (for errors about cross-field rules).
-fn key_line(text: &str, key: &str) -> Option<usize> {
-    text.lines()
-        .position(|l| {
-            let l = l.trim_start();
-            l.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with('='))
-        })
-        .map(|i| i + 1)
+/// Where each key of `[proxy]`, `[admin]`, `[health]` and `[log]` is set, from toml's own spans,
+/// so errors name the right line whatever the syntax (`[health]` then `timeout = ..`, a dotted
+/// `health.timeout = ..`, or an inline table) and whichever section shares a key name.
+#[derive(Debug, Default, Deserialize)]
+struct KeyLines {
+    #[serde(default)]
+    proxy: BTreeMap<String, toml::Spanned<toml::Value>>,
+    #[serde(default)]
+    admin: BTreeMap<String, toml::Spanned<toml::Value>>,
+    #[serde(default)]
+    health: BTreeMap<String, toml::Spanned<toml::Value>>,
+    #[serde(default)]
+    log: BTreeMap<String, toml::Spanned<toml::Value>>,
+    /// The text the spans point into.
+    #[serde(skip)]
+    text: String,
+}
+
+impl KeyLines {
+    /// The spans of `text` (which has already parsed as a [`RawConfig`]); none if it does not parse.
+    fn read(text: &str) -> KeyLines {
+        let mut lines: KeyLines = toml::from_str(text).unwrap_or_default();
+        lines.text = text.to_owned();
+        lines
+    }
+
+    /// `" (line N)"` for the line that sets `section.key`, or `""` when the key is not in the file.
+    fn at(&self, section: &str, key: &str) -> String {
+        let table = match section {
+            "proxy" => &self.proxy,
+            "admin" => &self.admin,
+            "health" => &self.health,
+            _ => &self.log,
+        };
+        table.get(key).map(|v| format!(" (line {})", line_at(&self.text, v.span().start))).unwrap_or_default()
+    }
+}
+
+/// Upper bounds of the numeric and duration keys, each with the reason it is where it is. Every
+/// lower bound is "above zero" (`shutdown_grace` may be zero: close at once). Together they keep
+/// every sum and product pgleader makes of these values (deadlines `Instant::now() + d`, the
+/// elector's `(interval + timeout) * (fall + 2)`, the checker's TCP user timeout `3 * timeout`,
+/// backoffs) many orders of magnitude below `Duration` and `Instant` overflow, and
+/// `max_connections` far below tokio's `Semaphore::MAX_PERMITS` (`usize::MAX >> 3`) and `i32`
+/// (a listen backlog). The README's configuration table lists them.
+pub mod bounds {
+    use std::time::Duration;
+
+    /// PostgreSQL's own ceiling for its `max_connections` (`MAX_BACKENDS` = 2^18 - 1,
+    /// `src/include/postmaster/postmaster.h`): pgleader sends every client to one PostgreSQL, so
+    /// more clients than that can never all be served.
+    pub const MAX_CONNECTIONS: usize = 262_143;
+    /// `rise` and `fall`: at the default 1 s interval, 100 checks are 100 s; more is not a health
+    /// check but an outage nobody is told about.
+    pub const MAX_RISE_FALL: u32 = 100;
+    /// A client waiting longer than this for a leader holds a `max_connections` slot for
+    /// nothing: drivers give up much sooner (libpq's `connect_timeout` is usually seconds).
+    pub const LEADER_WAIT_TIMEOUT: Duration = Duration::from_secs(600);
+    /// One TCP connect and the first reply: the kernel itself gives up a SYN after about 127 s
+    /// (`tcp_syn_retries = 6`); a minute is already a dead backend.
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+    /// PostgreSQL's maximum `authentication_timeout` (600 s): no client needs longer to say hello.
+    pub const CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(600);
+    /// A drain longer than an hour is a hung deploy; orchestrators kill much sooner (Nomad's
+    /// default `max_kill_timeout` is 30 s).
+    pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3600);
+    /// `interval`, `fast_interval` and `timeout`: a frozen leader keeps new sessions for up to
+    /// about `timeout x fall`, and a promotion is seen within `interval`; past a minute neither
+    /// is a health check (Patroni's own loop is 10 s by default).
+    pub const HEALTH_DURATION: Duration = Duration::from_secs(60);
+}
+
+/// Every numeric and duration key against its bounds (see [`bounds`]), with its line.
+fn bound_problems(p: &ProxyConfig, h: &HealthConfig, lines: &KeyLines) -> Vec<String> {
+    let mut problems = Vec::new();
+    let show = |d: Duration| humantime::format_duration(d).to_string();
+    let durations = [
+        ("proxy", "leader_wait_timeout", p.leader_wait_timeout, bounds::LEADER_WAIT_TIMEOUT, false),
+        ("proxy", "connect_timeout", p.connect_timeout, bounds::CONNECT_TIMEOUT, false),
+        ("proxy", "client_hello_timeout", p.client_hello_timeout, bounds::CLIENT_HELLO_TIMEOUT, false),
+        ("proxy", "shutdown_grace", p.shutdown_grace, bounds::SHUTDOWN_GRACE, true),
+        ("health", "interval", h.interval, bounds::HEALTH_DURATION, false),
+        ("health", "fast_interval", h.fast_interval, bounds::HEALTH_DURATION, false),
+        ("health", "timeout", h.timeout, bounds::HEALTH_DURATION, false),
+    ];
+    for (section, key, value, max, zero_ok) in durations {
+        let at = lines.at(section, key);
+        if value.is_zero() && !zero_ok {
+            problems.push(format!("{section}.{key}{at}: must be greater than zero"));
+        } else if value > max {
+            problems.push(format!("{section}.{key}{at}: {} is above the maximum of {}", show(value), show(max)));
+        }
+    }
+    let counts = [
+        ("proxy", "max_connections", p.max_connections as u64, bounds::MAX_CONNECTIONS as u64),
+        ("health", "rise", u64::from(h.rise), u64::from(bounds::MAX_RISE_FALL)),
+        ("health", "fall", u64::from(h.fall), u64::from(bounds::MAX_RISE_FALL)),
+    ];
+    for (section, key, value, max) in counts {
+        let at = lines.at(section, key);
+        if value == 0 {
+            problems.push(format!("{section}.{key}{at}: must be at least 1"));
+        } else if value > max {
+            problems.push(format!("{section}.{key}{at}: {value} is above the maximum of {max}"));
+        }
+    }
+    problems
 }
 
 fn default_proxy_listen() -> SocketAddr {
@@ -531,6 +618,51 @@ mod tests {
         assert!(err.contains("backend[1].name (line 8)"), "{err}");
         assert!(err.contains("backend[1].address"), "{err}");
         assert!(err.contains("at most one of password"), "{err}");
+    }
+
+    #[test]
+    fn every_numeric_and_duration_key_has_bounds_named_with_key_and_line() {
+        let text = format!(
+            "[proxy]\nmax_connections = 262144\nleader_wait_timeout = \"601s\"\nconnect_timeout = \"0s\"\n\
+             client_hello_timeout = \"11m\"\nshutdown_grace = \"2h\"\n[admin]\n[health]\ninterval = \"61s\"\n\
+             fast_interval = \"100years\"\ntimeout = \"1h\"\nrise = 101\nfall = 4000000000\n{MINIMAL}"
+        );
+        let err = Config::from_toml(&text, "x.toml").unwrap_err().to_string();
+        for want in [
+            "proxy.max_connections (line 2): 262144 is above the maximum of 262143",
+            "proxy.leader_wait_timeout (line 3): 10m 1s is above the maximum of 10m",
+            "proxy.connect_timeout (line 4): must be greater than zero",
+            "proxy.client_hello_timeout (line 5): 11m is above the maximum of 10m",
+            "proxy.shutdown_grace (line 6): 2h is above the maximum of 1h",
+            "health.interval (line 9): 1m 1s is above the maximum of 1m",
+            "health.fast_interval (line 10):",
+            "health.timeout (line 11): 1h is above the maximum of 1m",
+            "health.rise (line 12): 101 is above the maximum of 100",
+            "health.fall (line 13): 4000000000 is above the maximum of 100",
+        ] {
+            assert!(err.contains(want), "missing {want:?} in:\n{err}");
+        }
+        let at_the_bounds = format!(
+            "[proxy]\nmax_connections = 262143\nleader_wait_timeout = \"10m\"\nconnect_timeout = \"1m\"\n\
+             client_hello_timeout = \"10m\"\nshutdown_grace = \"0s\"\n[health]\ninterval = \"1m\"\n\
+             fast_interval = \"1m\"\ntimeout = \"1m\"\nrise = 100\nfall = 100\n{MINIMAL}"
+        );
+        let c = Config::from_toml(&at_the_bounds, "t").unwrap();
+        assert!(c.out_of_bounds().is_empty());
+        let mut changed = c.clone();
+        changed.proxy.max_connections = usize::MAX;
+        assert_eq!(changed.out_of_bounds().len(), 1, "{:?}", changed.out_of_bounds());
+    }
+
+    #[test]
+    fn lines_come_from_the_right_section_whatever_the_syntax() {
+        // Keys can be dotted or in an inline table, and `timeout` is also the end of other keys.
+        let text = format!(
+            "proxy.connect_timeout = \"1s\"\nproxy.max_connections = 0\nhealth = {{ timeout = \"2m\" }}\n{MINIMAL}"
+        );
+        let err = Config::from_toml(&text, "x.toml").unwrap_err().to_string();
+        assert!(err.contains("health.timeout (line 3): 2m is above"), "{err}");
+        assert!(err.contains("proxy.max_connections (line 2): must be at least 1"), "{err}");
     }
 
     #[test]

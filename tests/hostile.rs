@@ -4,7 +4,10 @@
 //! also keeps a well-behaved client connected and checks that it is unaffected, and none of them
 //! may make pgleader panic (a panic hook counts panics on the runtime's worker threads).
 //!
-//! What each bad input must get is written next to it in `garbage_first_packets_*`; the test
+//! What each bad input must get is written next to it in `garbage_first_packets_*`, as literal
+//! expectations from the protocol (PostgreSQL's own startup-packet rules, `ProcessStartupPacket`
+//! in `src/backend/postmaster/postmaster.c`), never computed by `pgleader::pgwire`: packets are
+//! built and answers read with `common::wire`, written from the protocol documentation. The test
 //! prints the table of what the client saw (`cargo test --test hostile -- --nocapture`).
 
 #![allow(clippy::unwrap_used, reason = "in tests a panic is the failure report")]
@@ -14,36 +17,20 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::eventually;
 use common::pg::PgNode;
 use common::proxy::{connect_via, get, metric, metric_at_least, wait_leader, ProxyBuilder};
-use pgleader::pgwire::{self, ErrorFields, StartupError};
+use common::wire::{self, ErrorFields};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::task::JoinSet;
 
-/// Panics seen on tokio worker threads, where pgleader's tasks run (tokio would swallow them).
-static WORKER_PANICS: AtomicUsize = AtomicUsize::new(0);
-
-fn watch_panics() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if std::thread::current().name().is_some_and(|n| n.starts_with("tokio-runtime-worker")) {
-                WORKER_PANICS.fetch_add(1, Ordering::SeqCst);
-            }
-            previous(info);
-        }));
-    });
-}
-
 fn assert_no_panics() {
-    assert_eq!(WORKER_PANICS.load(Ordering::SeqCst), 0, "a task panicked (see the output above)");
+    assert_eq!(common::WORKER_PANICS.load(Ordering::SeqCst), 0, "a task panicked (see the output above)");
 }
 
 /// Makes sure this process may open `want` files (the in-process tests hold both ends of every
@@ -118,11 +105,9 @@ fn classify(out: &[u8], reset: bool) -> Seen {
         return if reset { Seen::Reset } else { Seen::Closed };
     }
     let answers: String = out.iter().take_while(|&&b| b == b'N' || b == b'S').map(|&b| b as char).collect();
-    let rest = &out[answers.len()..];
-    match pgwire::parse_error_response(rest) {
+    // Exactly one ErrorResponse after the answers, then the close; anything else is raw bytes.
+    match wire::error_response(&out[answers.len()..]) {
         Some(ErrorFields { code, message, severity }) => {
-            let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
-            assert_eq!(len + 1, rest.len(), "exactly one ErrorResponse, then the close: {out:?}");
             assert_eq!(severity, "FATAL");
             Seen::Error { answers, code, message }
         }
@@ -155,10 +140,6 @@ async fn exchange(proxy: SocketAddr, packets: &[&[u8]], half_close: bool) -> See
     classify(&seen, reset)
 }
 
-fn be(len: u32, code: u32) -> Vec<u8> {
-    [len.to_be_bytes(), code.to_be_bytes()].concat()
-}
-
 /// A xorshift64* stream: the "random bytes" are the same on every run.
 fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed;
@@ -172,28 +153,23 @@ fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// What the proxy must answer to a first packet, from the parser's verdict on it.
-fn expected_for(bytes: &[u8]) -> &'static str {
-    match pgwire::parse_first_packet(bytes) {
-        Err(StartupError::DirectTls) => "close",
-        Err(e) => e.sqlstate(),
-        Ok(None) => "close",
-        Ok(Some(_)) => "accepted",
-    }
-}
-
 /// A StartupMessage of exactly `total` bytes (padding in application_name).
 fn startup_of_length(total: usize) -> Vec<u8> {
-    let base = pgwire::encode_startup(0, &[("user", "postgres"), ("database", "postgres"), ("application_name", "")]);
-    let pad = "x".repeat(total - base.len());
-    let p = pgwire::encode_startup(0, &[("user", "postgres"), ("database", "postgres"), ("application_name", &pad)]);
+    let with = |pad: &str| {
+        wire::startup_message(
+            wire::PROTOCOL_3_0,
+            &[("user", "postgres"), ("database", "postgres"), ("application_name", pad)],
+        )
+    };
+    let pad = "x".repeat(total - with("").len());
+    let p = with(&pad);
     assert_eq!(p.len(), total);
     p
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_first_packets_get_08p01_or_0a000_and_a_clean_close() {
-    watch_panics();
+    common::watch_worker_panics();
     let primary = PgNode::start_primary("garbage2");
     let proxy = ProxyBuilder::new(&[&primary]).proxy("client_hello_timeout", "1s").start().await;
     wait_leader(proxy.admin_addr, Some("garbage2")).await;
@@ -202,7 +178,7 @@ async fn garbage_first_packets_get_08p01_or_0a000_and_a_clean_close() {
     let healthy = connect_via(addr, "postgres").await.unwrap();
     healthy.batch_execute("BEGIN; CREATE TEMP TABLE seen (n int)").await.unwrap();
 
-    let startup = pgwire::encode_startup(0, &[("user", "postgres"), ("database", "postgres")]);
+    let startup = wire::startup("postgres", "postgres");
     let with_version = |code: u32| {
         let mut p = startup.clone();
         p[4..8].copy_from_slice(&code.to_be_bytes());
@@ -210,15 +186,15 @@ async fn garbage_first_packets_get_08p01_or_0a000_and_a_clean_close() {
     };
     let mut no_terminator = startup.clone();
     *no_terminator.last_mut().unwrap() = b'x';
-    let mut bad_utf8 = pgwire::encode_startup(0, &[("user", "p\u{e9}")]);
+    let mut bad_utf8 = wire::startup_message(wire::PROTOCOL_3_0, &[("user", "p\u{e9}")]);
     let at = bad_utf8.iter().position(|&b| b == 0xc3).unwrap();
     bad_utf8[at] = 0xff;
-    let mut after_terminator = pgwire::encode_startup(0, &[("user", "postgres")]);
+    let mut after_terminator = wire::startup_message(wire::PROTOCOL_3_0, &[("user", "postgres")]);
     after_terminator.extend_from_slice(b"zz");
     let n = after_terminator.len() as u32;
     after_terminator[..4].copy_from_slice(&n.to_be_bytes());
-    let ssl = be(8, pgwire::SSL_REQUEST_CODE);
-    let gss = be(8, pgwire::GSSENC_REQUEST_CODE);
+    let ssl = wire::header(8, wire::SSL_REQUEST_CODE);
+    let gss = wire::header(8, wire::GSSENC_REQUEST_CODE);
     let tls_hello = {
         // A TLS 1.2 ClientHello record as `openssl s_client` would start it, 200 bytes.
         let mut h = vec![0x16, 0x03, 0x01, 0x00, 0xc3, 0x01, 0x00, 0x00, 0xbf, 0x03, 0x03];
@@ -240,10 +216,10 @@ async fn garbage_first_packets_get_08p01_or_0a000_and_a_clean_close() {
         ("SSH banner".into(), vec![b"SSH-2.0-OpenSSH_9.2p1\r\n".to_vec()], false, "08P01"),
         ("TLS ClientHello without SSLRequest".into(), vec![tls_hello], false, "close"),
         ("length 0".into(), vec![vec![0; 8]], false, "08P01"),
-        ("length 4".into(), vec![be(4, 196_608)], false, "08P01"),
+        ("length 4".into(), vec![wire::header(4, 196_608)], false, "08P01"),
         ("length 7".into(), vec![vec![0, 0, 0, 7, 0, 3, 0]], false, "08P01"),
-        ("length 10,001".into(), vec![be(10_001, 196_608)], false, "08P01"),
-        ("length 2^32-1".into(), vec![be(u32::MAX, 196_608)], false, "08P01"),
+        ("length 10,001".into(), vec![wire::header(10_001, 196_608)], false, "08P01"),
+        ("length 2^32-1".into(), vec![wire::header(u32::MAX, 196_608)], false, "08P01"),
         ("length 10,000 (the limit) and valid".into(), vec![startup_of_length(10_000)], true, "accepted"),
         ("truncated, then silent".into(), vec![vec![0, 0, 0, 40, 0, 3, 0, 0, b'u']], false, "close"),
         ("truncated, then half-closed".into(), vec![startup[..startup.len() - 3].to_vec()], true, "close"),
@@ -253,19 +229,19 @@ async fn garbage_first_packets_get_08p01_or_0a000_and_a_clean_close() {
         ("protocol 1234.5681 (an unknown request code)".into(), vec![with_version(80_877_105)], false, "0A000"),
         (
             "SSLRequest with length 12".into(),
-            vec![[be(12, pgwire::SSL_REQUEST_CODE), vec![0; 4]].concat()],
+            vec![[wire::header(12, wire::SSL_REQUEST_CODE), vec![0; 4]].concat()],
             false,
             "08P01",
         ),
         (
             "CancelRequest with no secret".into(),
-            vec![[be(12, pgwire::CANCEL_REQUEST_CODE), vec![0; 4]].concat()],
+            vec![[wire::header(12, wire::CANCEL_REQUEST_CODE), vec![0; 4]].concat()],
             false,
             "08P01",
         ),
         (
             "CancelRequest with a 300-byte secret".into(),
-            vec![[be(312, pgwire::CANCEL_REQUEST_CODE), vec![1; 304]].concat()],
+            vec![[wire::header(312, wire::CANCEL_REQUEST_CODE), vec![1; 304]].concat()],
             false,
             "08P01",
         ),
@@ -282,25 +258,55 @@ async fn garbage_first_packets_get_08p01_or_0a000_and_a_clean_close() {
         ("GSSENCRequest, then HTTP".into(), vec![gss.clone(), http.to_vec()], false, "N+08P01"),
         ("GSSENCRequest, then SSLRequest, then StartupMessage".into(), vec![gss.clone(), ssl.clone()], false, "NN"),
     ];
-    for (seed, len) in [(1u64, 1usize), (2, 3), (3, 7), (4, 64), (5, 1000), (6, 9000), (7, 20_000)] {
+    // Random bytes (the same on every run), with what the protocol says about each. PostgreSQL
+    // reads a 4-byte length first: under 8 or over 10,000 is "invalid length of startup packet"
+    // (08P01) at once; fewer than 4 bytes, or fewer than the length promises, is an incomplete
+    // packet: the proxy waits for the rest and closes at client_hello_timeout without a reply.
+    let random_cases: [(u64, usize, &str, &str); 7] = [
+        (1, 1, "close", "1 byte (0x47): no length yet, closed at the hello timeout"),
+        (2, 3, "close", "3 bytes: no length yet, closed at the hello timeout"),
+        (3, 7, "08P01", "length 0xd7037ef3 > 10,000"),
+        (4, 64, "08P01", "length 0x44b17b62 > 10,000"),
+        (5, 1000, "08P01", "length 0x42968a75 > 10,000"),
+        (6, 9000, "08P01", "length 0xd4098ff6 > 10,000"),
+        (7, 20_000, "08P01", "length 0xd1ed161b > 10,000"),
+    ];
+    for (seed, len, expect, why) in random_cases {
         let bytes = random_bytes(seed, len);
-        let expect = expected_for(&bytes);
-        cases.push((format!("{len} random bytes (seed {seed})"), vec![bytes], false, expect));
+        cases.push((format!("{len} random bytes (seed {seed}: {why})"), vec![bytes], false, expect));
     }
-    for seed in [11u64, 12, 13] {
-        // Random bytes behind a plausible length: the code is almost never 3.x.
+    // Random bytes behind a valid length of 100: the request code is the body's first 4 bytes.
+    // None is a special code (SSL, GSSENC, cancel), so each is a protocol version whose major
+    // is not 3: "unsupported frontend protocol" (0A000).
+    for (seed, code) in [(11u64, "0xccd7455d"), (12, "0xce15d214"), (13, "0xcbf997af")] {
         let body = random_bytes(seed, 96);
         let bytes = [100u32.to_be_bytes().to_vec(), body].concat();
-        let expect = expected_for(&bytes);
-        cases.push((format!("random body of a 100-byte packet (seed {seed})"), vec![bytes], false, expect));
+        cases.push((
+            format!("random body of a 100-byte packet (seed {seed}: code {code})"),
+            vec![bytes],
+            false,
+            "0A000",
+        ));
     }
-    for seed in [21u64, 22] {
-        // A 3.0 StartupMessage header with random parameters.
+    // A 3.0 StartupMessage header with 52 random bytes of parameters: neither ends in the 0
+    // terminator (the last bytes are 0xf0 and 0xeb), which PostgreSQL rejects as "invalid
+    // startup packet layout: expected terminator as last byte" (08P01).
+    for (seed, last) in [(21u64, "0xf0"), (22, "0xeb")] {
         let body = random_bytes(seed, 52);
-        let bytes = [be(60, 196_608), body].concat();
-        let expect = expected_for(&bytes);
-        cases.push((format!("3.0 StartupMessage with random parameters (seed {seed})"), vec![bytes], false, expect));
+        let bytes = [wire::header(60, wire::PROTOCOL_3_0), body].concat();
+        cases.push((
+            format!("3.0 StartupMessage with random parameters (seed {seed}, ends {last})"),
+            vec![bytes],
+            false,
+            "08P01",
+        ));
     }
+    // The literal expectations above are about these exact bytes: the generator must not drift.
+    assert_eq!(random_bytes(1, 1), [0x47]);
+    assert_eq!(random_bytes(3, 4), [0xd7, 0x03, 0x7e, 0xf3]);
+    assert_eq!(random_bytes(11, 4), [0xcc, 0xd7, 0x45, 0x5d]);
+    assert_eq!(random_bytes(21, 52).last(), Some(&0xf0));
+    assert_eq!(random_bytes(22, 52).last(), Some(&0xeb));
 
     let mut table = Vec::new();
     let mut failures = Vec::new();
@@ -366,12 +372,13 @@ async fn garbage_first_packets_get_08p01_or_0a000_and_a_clean_close() {
 }
 
 /// The PostgreSQL sessions of clients (not the health checker, not the asking connection).
-fn client_backends(node: &PgNode) -> usize {
-    node.sql_ok(
+async fn client_backends(node: &PgNode) -> usize {
+    node.sql_ok_async(
         "postgres",
         "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' \
          AND pid <> pg_backend_pid() AND application_name <> 'pgleader-health'",
     )
+    .await
     .parse()
     .unwrap()
 }
@@ -380,7 +387,7 @@ fn client_backends(node: &PgNode) -> usize {
 async fn two_thousand_silent_clients_are_closed_at_the_hello_timeout_and_block_no_one() {
     const SILENT: usize = 2000;
     const DRIBBLERS: usize = 10;
-    watch_panics();
+    common::watch_worker_panics();
     raise_nofile(3 * SILENT as u64 + 1024);
     let primary = PgNode::start_primary("silent");
     let proxy = ProxyBuilder::new(&[&primary])
@@ -392,7 +399,7 @@ async fn two_thousand_silent_clients_are_closed_at_the_hello_timeout_and_block_n
     let addr = proxy.proxy_addr;
     let healthy = connect_via(addr, "postgres").await.unwrap();
     let fds_before = open_fds();
-    assert_eq!(client_backends(&primary), 1);
+    assert_eq!(client_backends(&primary).await, 1);
 
     // Connect in batches, so the kernel's accept queue never overflows into SYN retries.
     let mut silent = Vec::with_capacity(SILENT);
@@ -406,7 +413,7 @@ async fn two_thousand_silent_clients_are_closed_at_the_hello_timeout_and_block_n
         }
     }
     // Dribblers send a valid StartupMessage one byte at a time, far too slowly to finish in time.
-    let startup = pgwire::encode_startup(0, &[("user", "postgres"), ("database", "postgres")]);
+    let startup = wire::startup("postgres", "postgres");
     let mut dribblers = JoinSet::new();
     for _ in 0..DRIBBLERS {
         let mut s = TcpStream::connect(addr).await.unwrap();
@@ -433,7 +440,7 @@ async fn two_thousand_silent_clients_are_closed_at_the_hello_timeout_and_block_n
     let newcomer = connect_via(addr, "postgres").await.expect("a new client gets through beside 2,000 silent ones");
     assert_eq!(newcomer.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
     assert_eq!(healthy.query_one("SELECT 2", &[]).await.unwrap().get::<_, i32>(0), 2);
-    assert_eq!(client_backends(&primary), 2, "silent clients must not consume backend connections");
+    assert_eq!(client_backends(&primary).await, 2, "silent clients must not consume backend connections");
     drop(newcomer);
 
     // Every silent client is closed at client_hello_timeout, without a byte.
@@ -460,7 +467,7 @@ async fn two_thousand_silent_clients_are_closed_at_the_hello_timeout_and_block_n
     })
     .await;
     assert_eq!(healthy.query_one("SELECT 3", &[]).await.unwrap().get::<_, i32>(0), 3);
-    assert_eq!(client_backends(&primary), 1);
+    assert_eq!(client_backends(&primary).await, 1);
     assert_no_panics();
     proxy.shutdown().await.unwrap();
 }
@@ -477,7 +484,7 @@ enum FloodOutcome {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_past_max_connections_gets_53300_and_service_continues() {
     const MAX: usize = 25;
-    watch_panics();
+    common::watch_worker_panics();
     raise_nofile(4096);
     let primary = PgNode::start_primary("flood");
     let proxy = ProxyBuilder::new(&[&primary])
@@ -505,8 +512,8 @@ async fn a_flood_past_max_connections_gets_53300_and_service_continues() {
             }
         });
     }
-    let ssl = be(8, pgwire::SSL_REQUEST_CODE);
-    let startup = pgwire::encode_startup(0, &[("user", "postgres"), ("database", "postgres")]);
+    let ssl = wire::header(8, wire::SSL_REQUEST_CODE);
+    let startup = wire::startup("postgres", "postgres");
     for _ in 0..50 {
         let (ssl, startup) = (ssl.clone(), startup.clone());
         flood.spawn(async move {
@@ -516,7 +523,7 @@ async fn a_flood_past_max_connections_gets_53300_and_service_continues() {
             }
         });
     }
-    let cancel = [be(16, pgwire::CANCEL_REQUEST_CODE), vec![0, 0, 0, 1, 0, 0, 0, 2]].concat();
+    let cancel = [wire::header(16, wire::CANCEL_REQUEST_CODE), vec![0, 0, 0, 1, 0, 0, 0, 2]].concat();
     for _ in 0..25 {
         let cancel = cancel.clone();
         flood.spawn(async move {
@@ -548,7 +555,7 @@ async fn a_flood_past_max_connections_gets_53300_and_service_continues() {
     .into_iter()
     .collect();
     assert_eq!(outcomes, want, "every surplus client is refused with 53300 (cancels and silent ones closed)");
-    assert_eq!(client_backends(&primary), MAX, "no surplus client reached PostgreSQL");
+    assert_eq!(client_backends(&primary).await, MAX, "no surplus client reached PostgreSQL");
     metric_at_least(proxy.admin_addr, "pgleader_sessions_total{result=\"refused_limit\"}", 225.0).await;
 
     // Service continues: the held sessions work, and freed slots are taken by new clients.
@@ -716,7 +723,7 @@ async fn pg_over(stream: TcpStream) -> Result<tokio_postgres::Client, tokio_post
 
 /// Starts a raw session (trust auth) and returns its BackendKeyData (pid, secret).
 async fn raw_session(s: &mut TcpStream) -> (u32, u32) {
-    s.write_all(&pgwire::encode_startup(0, &[("user", "postgres"), ("database", "postgres")])).await.unwrap();
+    s.write_all(&wire::startup("postgres", "postgres")).await.unwrap();
     let mut key = None;
     loop {
         let (tag, body) = read_message(s).await;
@@ -730,7 +737,7 @@ async fn raw_session(s: &mut TcpStream) -> (u32, u32) {
             b'Z' => return key.expect("BackendKeyData before ReadyForQuery"),
             b'E' => panic!(
                 "startup failed: {:?}",
-                pgwire::parse_error_response(&[&[tag][..], &(body.len() as u32 + 4).to_be_bytes(), &body].concat())
+                wire::error_response(&[&[tag][..], &(body.len() as u32 + 4).to_be_bytes(), &body].concat())
             ),
             _ => {}
         }
@@ -748,7 +755,7 @@ async fn read_message(s: &mut TcpStream) -> (u8, Vec<u8>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_outside_allow_get_28000_and_cannot_cancel() {
-    watch_panics();
+    common::watch_worker_panics();
     let primary = PgNode::start_primary("allow");
     // Dual-stack listener: an IPv4 client arrives as ::ffff:127.0.0.x and must still match.
     let mut config = ProxyBuilder::new(&[&primary]).proxy("allow", "[\"127.0.0.2/32\", \"::1/128\"]").config();
@@ -768,8 +775,8 @@ async fn clients_outside_allow_get_28000_and_cannot_cancel() {
     assert_eq!(db.code().code(), "28000");
     assert!(db.message().contains("not allowed"), "{}", db.message());
     // libpq-style: SSLRequest answered N, then the refusal; garbage from outside is refused too.
-    let ssl = be(8, pgwire::SSL_REQUEST_CODE);
-    let startup = pgwire::encode_startup(0, &[("user", "postgres")]);
+    let ssl = wire::header(8, wire::SSL_REQUEST_CODE);
+    let startup = wire::startup_message(wire::PROTOCOL_3_0, &[("user", "postgres")]);
     let mut s = connect_from("127.0.0.1", v4).await;
     s.write_all(&ssl).await.unwrap();
     let mut one = [0u8; 1];
@@ -784,15 +791,18 @@ async fn clients_outside_allow_get_28000_and_cannot_cancel() {
     let query = b"SELECT pg_sleep(2)\0";
     session.write_all(&[&[b'Q'][..], &(query.len() as u32 + 4).to_be_bytes(), query].concat()).await.unwrap();
     eventually(Duration::from_secs(10), "the query runs", || async {
-        let active = primary.sql_ok(
-            "postgres",
-            &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid} AND state = 'active'"),
-        );
+        let active = primary
+            .sql_ok_async(
+                "postgres",
+                &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid} AND state = 'active'"),
+            )
+            .await;
         (active == "1").then_some(())
     })
     .await;
     let cancel =
-        [be(16, pgwire::CANCEL_REQUEST_CODE), pid.to_be_bytes().to_vec(), secret.to_be_bytes().to_vec()].concat();
+        [wire::header(16, wire::CANCEL_REQUEST_CODE), pid.to_be_bytes().to_vec(), secret.to_be_bytes().to_vec()]
+            .concat();
     let mut outsider = connect_from("127.0.0.1", v4).await;
     outsider.write_all(&cancel).await.unwrap();
     assert_eq!(read_to_close(&mut outsider).await, Seen::Closed, "a refused cancel is dropped silently");
@@ -872,13 +882,13 @@ async fn the_access_log_has_one_line_per_session_and_can_be_turned_off() {
 /// StartupMessage there can be answered like a garbage first packet (08P01 / 0A000).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_after_an_ssl_request_answered_n_gets_an_error_too() {
-    watch_panics();
+    common::watch_worker_panics();
     let primary = PgNode::start_primary("ssl-garbage");
     let proxy = ProxyBuilder::new(&[&primary]).proxy("client_hello_timeout", "1s").start().await;
     wait_leader(proxy.admin_addr, Some("ssl-garbage")).await;
     let healthy = connect_via(proxy.proxy_addr, "postgres").await.unwrap();
-    let ssl = be(8, pgwire::SSL_REQUEST_CODE);
-    let mut v4 = pgwire::encode_startup(0, &[("user", "postgres")]);
+    let ssl = wire::header(8, wire::SSL_REQUEST_CODE);
+    let mut v4 = wire::startup_message(wire::PROTOCOL_3_0, &[("user", "postgres")]);
     v4[4..8].copy_from_slice(&(4u32 << 16).to_be_bytes());
     let http: &[u8] = b"GET / HTTP/1.1\r\n\r\n";
     let mut wrong = Vec::new();
@@ -899,7 +909,7 @@ async fn garbage_after_an_ssl_request_answered_n_gets_an_error_too() {
 /// hold one of the `max_connections` slots that allowed clients need.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_clients_outside_allow_do_not_take_the_slots_of_allowed_ones() {
-    watch_panics();
+    common::watch_worker_panics();
     let primary = PgNode::start_primary("allow-slots");
     let proxy = ProxyBuilder::new(&[&primary])
         .proxy("allow", "[\"127.0.0.2/32\"]")
@@ -926,7 +936,7 @@ async fn silent_clients_outside_allow_do_not_take_the_slots_of_allowed_ones() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_limit_connections_past_the_refusal_bound_are_closed_at_once() {
     const IN_FLIGHT: usize = 256;
-    watch_panics();
+    common::watch_worker_panics();
     raise_nofile(4096);
     let primary = PgNode::start_primary("bound");
     let proxy =
@@ -947,13 +957,15 @@ async fn over_limit_connections_past_the_refusal_bound_are_closed_at_once() {
     assert_eq!(read_to_close(waiting.last_mut().unwrap()).await, Seen::Closed);
     let mut one_more = TcpStream::connect(proxy.proxy_addr).await.unwrap();
     assert_eq!(read_to_close(&mut one_more).await, Seen::Closed);
+    // Counted a moment after the client saw the close: wait for it, then check it is exact.
+    metric_at_least(proxy.admin_addr, series, 41.0).await;
     assert_eq!(metric(proxy.admin_addr, series).await, Some(41.0));
     for c in &held {
         assert_eq!(c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
     }
     // The waiting ones still get their answer when they speak.
     let first = &mut waiting[0];
-    first.write_all(&pgwire::encode_startup(0, &[("user", "postgres")])).await.unwrap();
+    first.write_all(&wire::startup_message(wire::PROTOCOL_3_0, &[("user", "postgres")])).await.unwrap();
     assert_eq!(read_to_close(first).await.code(), "53300");
     drop(waiting);
     assert_no_panics();

@@ -62,6 +62,20 @@ fn check_config_names_the_file_the_key_and_the_line() {
     assert_eq!(code, 2);
     assert!(stderr.contains("interval") && stderr.contains("line 2"), "{stderr}");
 
+    // Past their bounds (README's configuration table): each key is named with its line.
+    let huge = write_temp(
+        "[proxy]\nmax_connections = 3000000\n[health]\ninterval = \"2h\"\nrise = 0\n[[backend]]\nname = \"a\"\naddress = \"h:1\"\n",
+    );
+    let (code, _, stderr) = check_config(huge.path());
+    assert_eq!(code, 2);
+    for want in [
+        "proxy.max_connections (line 2): 3000000 is above the maximum of 262143",
+        "health.interval (line 4): 2h is above the maximum of 1m",
+        "health.rise (line 5): must be at least 1",
+    ] {
+        assert!(stderr.contains(want), "wanted {want:?} in: {stderr}");
+    }
+
     let secret = write_temp("[health]\npassword = \"hunter2\"\n[[backend]]\nname = \"a\"\naddress = \"h:1\"\n");
     let (code, stdout, _) = check_config(secret.path());
     assert_eq!(code, 0);
@@ -119,17 +133,29 @@ impl Process {
         Process { child, proxy, admin, logs }
     }
 
-    fn sigterm(&self) {
+    /// SIGTERM, then waits until the drain shows: `/readyz` says draining and new connections
+    /// are refused.
+    async fn sigterm_and_wait_draining(&self) {
         kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM).unwrap();
+        common::eventually(Duration::from_secs(10), "not ready while draining", || async {
+            let (code, body) = get(self.admin, "/readyz").await;
+            (code == 503 && body.contains("draining")).then_some(())
+        })
+        .await;
+        common::eventually(Duration::from_secs(10), "new connections refused", || async {
+            tokio::net::TcpStream::connect(self.proxy).await.is_err().then_some(())
+        })
+        .await;
     }
 
-    fn wait_exit(&mut self, patience: Duration) -> i32 {
-        let mut code = None;
-        common::eventually_blocking(patience, "pgleader exits", || {
-            code = self.child.try_wait().unwrap().map(|s| s.code().unwrap_or(-1));
-            code.is_some()
-        });
-        code.unwrap()
+    /// Polls (without blocking the runtime) until the process exits; its exit code.
+    async fn wait_exit_async(&mut self, patience: Duration) -> i32 {
+        let child = &mut self.child;
+        common::eventually(patience, "pgleader exits", || {
+            let code = child.try_wait().unwrap().map(|s| s.code().unwrap_or(-1));
+            async move { code }
+        })
+        .await
     }
 }
 
@@ -156,22 +182,13 @@ async fn sigterm_drains_open_sessions_then_exits_zero() {
     wait_ready(pgleader.admin).await;
     let session = connect_via(pgleader.proxy, "postgres").await.unwrap();
 
-    pgleader.sigterm();
-    common::eventually(Duration::from_secs(10), "not ready while draining", || async {
-        let (code, body) = get(pgleader.admin, "/readyz").await;
-        (code == 503 && body.contains("draining")).then_some(())
-    })
-    .await;
-    common::eventually(Duration::from_secs(10), "no new clients", || async {
-        tokio::net::TcpStream::connect(pgleader.proxy).await.is_err().then_some(())
-    })
-    .await;
+    pgleader.sigterm_and_wait_draining().await;
     // The open session keeps working through the drain.
     let row = session.query_one("SELECT 42", &[]).await.expect("the session survives the drain");
     assert_eq!(row.get::<_, i32>(0), 42);
     assert!(pgleader.child.try_wait().unwrap().is_none(), "pgleader waits for the open session");
     drop(session);
-    assert_eq!(pgleader.wait_exit(Duration::from_secs(20)), 0);
+    assert_eq!(pgleader.wait_exit_async(Duration::from_secs(20)).await, 0);
 
     // One access-log line per session: the client's address, the backend, bytes, how it ended.
     let access: Vec<serde_json::Value> =
@@ -186,16 +203,41 @@ async fn sigterm_drains_open_sessions_then_exits_zero() {
     assert!(!logged.contains("hunter2"), "no secret in the logs");
 }
 
+/// A session left open at SIGTERM keeps working while pgleader drains (not ready, refusing new
+/// connections), and is closed when `shutdown_grace` ends; pgleader then exits 0. The grace is
+/// long (8 s) so the steps inside it are not a race on a loaded machine; how long the session
+/// actually lasted is printed, not asserted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_cuts_sessions_left_at_the_end_of_the_grace_period() {
     let primary = PgNode::start_primary("grace");
-    let config = config_for(&primary, "1s");
+    let config = config_for(&primary, "8s");
     let mut pgleader = Process::start(config.path());
     wait_ready(pgleader.admin).await;
     let session = connect_via(pgleader.proxy, "postgres").await.unwrap();
-    pgleader.sigterm();
-    assert_eq!(pgleader.wait_exit(Duration::from_secs(20)), 0);
-    assert!(session.simple_query("SELECT 1").await.is_err(), "the session was closed at the deadline");
+    session.batch_execute("CREATE TEMP TABLE during_grace (n int)").await.unwrap();
+
+    let sigterm = std::time::Instant::now();
+    pgleader.sigterm_and_wait_draining().await;
+    // Inside the grace period: draining and refusing, yet the open session still runs queries.
+    for n in 1..=3 {
+        let row = session
+            .query_one("INSERT INTO during_grace VALUES ($1) RETURNING n", &[&n])
+            .await
+            .expect("the open session works during the grace period");
+        assert_eq!(row.get::<_, i32>(0), n);
+    }
+    assert!(pgleader.child.try_wait().unwrap().is_none(), "pgleader still runs: those queries were inside the grace");
+    assert!(tokio::net::TcpStream::connect(pgleader.proxy).await.is_err(), "still no new connections");
+
+    // After it: the session is closed and pgleader exits 0.
+    assert_eq!(pgleader.wait_exit_async(Duration::from_secs(30)).await, 0);
+    assert!(session.simple_query("SELECT 1").await.is_err(), "the session was closed at the end of the grace period");
+    assert!(session.is_closed());
+    eprintln!("the session lasted {:?} after SIGTERM (shutdown_grace 8s)", sigterm.elapsed());
+    let access: Vec<serde_json::Value> =
+        pgleader.logs.lock().unwrap().iter().filter(|v| v["target"] == "pgleader::access").cloned().collect();
+    let cut = access.iter().find(|v| v["fields"]["result"] == "shutdown").expect("an access line for the cut session");
+    eprintln!("the cut session's access line: {cut}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -89,6 +89,27 @@ async fn post_reload_rereads_the_file_and_rejects_an_invalid_one() {
     let s = status(proxy.admin_addr).await;
     assert_eq!((s["config_generation"].as_u64(), s["leader"].as_str()), (Some(1), Some("primary")), "unchanged");
 
+    // A value past its bound (this one used to panic in the semaphore resize) is rejected with
+    // its key and line, and the running configuration stays.
+    let huge = one.clone().proxy("max_connections", "9223372036854775807").health("fall", "4294967295");
+    std::fs::write(&path, huge.toml()).unwrap();
+    let line = |key: &str| huge.toml().lines().position(|l| l.starts_with(key)).unwrap() + 1;
+    let (code, body) = http("POST", proxy.admin_addr, "/reload").await;
+    assert_eq!(code, 400, "{body}");
+    for want in [
+        format!(
+            "proxy.max_connections (line {}): 9223372036854775807 is above the maximum of 262143",
+            line("max_connections")
+        ),
+        format!("health.fall (line {}): 4294967295 is above the maximum of 100", line("fall")),
+    ] {
+        assert!(body.contains(&want), "wanted {want:?} in: {body}");
+    }
+    assert_eq!(metric(proxy.admin_addr, "pgleader_config_reloads_total{result=\"error\"}").await, Some(2.0));
+    let s = status(proxy.admin_addr).await;
+    assert_eq!((s["config_generation"].as_u64(), s["leader"].as_str()), (Some(1), Some("primary")), "unchanged");
+    connect_via(proxy.proxy_addr, "postgres").await.expect("still serving on the old configuration");
+
     std::fs::write(&path, ProxyBuilder::new(&[&cluster.primary, &cluster.replica]).toml()).unwrap();
     let (code, body) = http("POST", proxy.admin_addr, "/reload").await;
     assert_eq!(code, 200, "{body}");

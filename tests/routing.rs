@@ -9,9 +9,9 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::pg::{pg_bin, PgCluster, PgNode};
-use common::proxy::{connect_via, get, metric, metric_at_least, status, wait_leader, ProxyBuilder};
-use pgleader::pgwire;
+use common::pg::{PgCluster, PgNode};
+use common::proxy::{connect_via, get, metric, metric_at_least, psql_via, status, wait_leader, ProxyBuilder};
+use common::wire;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -22,23 +22,19 @@ async fn read_all(stream: &mut TcpStream) -> Vec<u8> {
     out
 }
 
-fn psql_via(proxy: std::net::SocketAddr, extra: &str, sql: &str) -> std::process::Output {
-    let conn = format!("host=127.0.0.1 port={} user=postgres dbname=postgres {extra}", proxy.port());
-    Command::new(pg_bin().join("psql")).args(["-X", "-At", "-d", &conn, "-c", sql]).output().expect("run psql")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_land_on_the_primary_and_writes_succeed() {
     let cluster = PgCluster::start();
     // The health check runs as an unprivileged pg_monitor role, as in production.
     cluster.primary.sql_ok("postgres", "CREATE ROLE pgleader LOGIN IN ROLE pg_monitor");
     cluster.primary.wait_for_catchup(&cluster.replica);
+    let system_identifier = cluster.primary.system_identifier();
     let proxy = ProxyBuilder::new(&[&cluster.replica, &cluster.primary]).health("user", "pgleader").start().await;
     let s = wait_leader(proxy.admin_addr, Some("primary")).await;
     let primary = &s["backends"][1];
     assert_eq!(primary["role"], "primary");
     assert_eq!(primary["timeline"], 1);
-    assert_eq!(primary["system_identifier"], cluster.primary.system_identifier().to_string());
+    assert_eq!(primary["system_identifier"], system_identifier.to_string());
     assert_eq!(s["backends"][0]["role"], "replica");
     assert_eq!(s["backends"][0]["routable"], false);
 
@@ -49,11 +45,11 @@ async fn sessions_land_on_the_primary_and_writes_succeed() {
     client.batch_execute("CREATE TABLE t (id int); INSERT INTO t VALUES (1)").await.expect("write through pgleader");
     drop(client);
 
-    let out = psql_via(proxy.proxy_addr, "sslmode=disable", "SELECT count(*) FROM t");
+    let out = psql_via(proxy.proxy_addr, "sslmode=disable", "SELECT count(*) FROM t").await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1");
     // libpq's default sslmode=prefer: the SSLRequest is answered N by this server, then plaintext.
-    let out = psql_via(proxy.proxy_addr, "", "SELECT pg_is_in_recovery()");
+    let out = psql_via(proxy.proxy_addr, "", "SELECT pg_is_in_recovery()").await;
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "f", "{}", String::from_utf8_lossy(&out.stderr));
 
     let (code, body) = get(proxy.admin_addr, "/readyz").await;
@@ -111,13 +107,16 @@ async fn tls_runs_end_to_end_and_health_checks_can_verify_the_server() {
         .start()
         .await;
     wait_leader(proxy.admin_addr, Some("tls")).await;
-    let out = psql_via(proxy.proxy_addr, "sslmode=require", "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()");
+    let out =
+        psql_via(proxy.proxy_addr, "sslmode=require", "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "t", "the session must be encrypted end to end");
-    let health_ssl = primary.sql_ok(
-        "postgres",
-        "SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.application_name = 'pgleader-health'",
-    );
+    let health_ssl = primary
+        .sql_ok_async(
+            "postgres",
+            "SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.application_name = 'pgleader-health'",
+        )
+        .await;
     assert_eq!(health_ssl, "t", "the health connection is encrypted");
     proxy.shutdown().await.unwrap();
 
@@ -146,7 +145,7 @@ async fn clients_outside_the_allow_list_get_28000() {
     let err = connect_via(proxy.proxy_addr, "postgres").await.expect_err("127.0.0.1 is not allowed");
     let db = err.as_db_error().expect("an ErrorResponse");
     assert_eq!(db.code().code(), "28000");
-    let out = psql_via(proxy.proxy_addr, "", "SELECT 1");
+    let out = psql_via(proxy.proxy_addr, "", "SELECT 1").await;
     assert!(String::from_utf8_lossy(&out.stderr).contains("not allowed"), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(
         metric_at_least(proxy.admin_addr, "pgleader_sessions_total{result=\"refused_address\"}", 2.0).await,
@@ -171,10 +170,11 @@ async fn cancel_requests_reach_the_leader() {
     // Cancel once the query is running on the server.
     common::eventually(Duration::from_secs(20), "pg_sleep running", || async {
         (primary
-            .sql(
+            .sql_async(
                 "postgres",
                 "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)' AND state = 'active'",
             )
+            .await
             .as_deref()
             == Some("1"))
         .then_some(())
@@ -188,11 +188,11 @@ async fn cancel_requests_reach_the_leader() {
 }
 
 /// Sends raw bytes as a first packet and returns the ErrorResponse fields the proxy answered.
-async fn first_packet_reply(proxy: std::net::SocketAddr, bytes: &[u8]) -> Option<pgwire::ErrorFields> {
+async fn first_packet_reply(proxy: std::net::SocketAddr, bytes: &[u8]) -> Option<wire::ErrorFields> {
     let mut s = TcpStream::connect(proxy).await.unwrap();
     s.write_all(bytes).await.unwrap();
     let reply = read_all(&mut s).await;
-    pgwire::parse_error_response(&reply)
+    wire::error_response(&reply)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -212,19 +212,21 @@ async fn bad_first_packets_get_an_error_and_the_proxy_keeps_serving() {
     assert!(big.message.contains("10000"), "{}", big.message);
     let short = first_packet_reply(proxy.proxy_addr, &[0, 0, 0, 4]).await.expect("an ErrorResponse");
     assert_eq!(short.code, "08P01");
-    let mut v4 = pgwire::encode_startup(0, &[("user", "postgres")]);
-    v4[4..8].copy_from_slice(&(4u32 << 16).to_be_bytes());
+    let v4 = wire::startup_message(4 << 16, &[("user", "postgres")]);
     let version = first_packet_reply(proxy.proxy_addr, &v4).await.expect("an ErrorResponse");
     assert_eq!(version.code, "0A000");
     // A TLS ClientHello without SSLRequest: closed without a plaintext reply.
     assert!(first_packet_reply(proxy.proxy_addr, &[0x16, 3, 1, 0, 5, 1, 0, 0, 1, 0]).await.is_none());
 
     // Silent client: closed at client_hello_timeout, counted, and it used no backend connection.
-    let before = primary.sql_ok("postgres", "SELECT count(*) FROM pg_stat_activity WHERE client_port IS NOT NULL");
+    let backends = "SELECT count(*) FROM pg_stat_activity WHERE client_port IS NOT NULL";
+    let before = primary.sql_ok_async("postgres", backends).await;
     let mut silent = TcpStream::connect(proxy.proxy_addr).await.unwrap();
     assert!(read_all(&mut silent).await.is_empty(), "closed without a reply");
-    assert_eq!(metric(proxy.admin_addr, "pgleader_sessions_total{result=\"client_timeout\"}").await, Some(1.0));
-    let after = primary.sql_ok("postgres", "SELECT count(*) FROM pg_stat_activity WHERE client_port IS NOT NULL");
+    // Counted a moment after the client saw the close: wait for it, then check it is exact.
+    let timeouts = "pgleader_sessions_total{result=\"client_timeout\"}";
+    assert_eq!(metric_at_least(proxy.admin_addr, timeouts, 1.0).await, 1.0);
+    let after = primary.sql_ok_async("postgres", backends).await;
     assert_eq!(before, after);
     // Truncated packet: the length promises more than arrives before the timeout.
     let mut s = TcpStream::connect(proxy.proxy_addr).await.unwrap();
@@ -258,7 +260,7 @@ async fn over_max_connections_clients_get_53300() {
     assert_eq!(db.code().code(), "53300");
     assert!(db.message().contains("max_connections"), "{}", db.message());
     // psql with the default sslmode=prefer sees the same error after pgleader answers N.
-    let out = psql_via(proxy.proxy_addr, "", "SELECT 1");
+    let out = psql_via(proxy.proxy_addr, "", "SELECT 1").await;
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("too many client connections"),
         "{}",

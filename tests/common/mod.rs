@@ -12,15 +12,68 @@
 pub mod patroni;
 pub mod pg;
 pub mod proxy;
+pub mod wire;
 pub mod workload;
 
 use std::future::Future;
 use std::time::Duration;
 
 /// A loopback port that was free a moment ago (for servers that cannot bind port 0 themselves).
+///
+/// It is picked below the kernel's ephemeral range (`ip_local_port_range`), where outgoing
+/// connections and `bind(0)` never take their ports, so the usual thief of a port between this
+/// check and the server's bind is gone; never the same port twice in one process. Another process
+/// can still take it: the servers that use these ports (`PgNode::start`, the Patroni harness's
+/// etcd and Patroni) retry with a new port when the bind fails with EADDRINUSE.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u32, u32::from(ephemeral_low.max(10_100)));
+    // A different walk through [low, high) for every process: start at a pid-derived offset.
+    let start = std::process::id().wrapping_mul(2_654_435_761) % (high - low);
+    let mut given = GIVEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    for _ in 0..2000 {
+        let step = SEQ.fetch_add(1, Ordering::Relaxed).wrapping_mul(7919);
+        let port = (low + (start + step) % (high - low)) as u16;
+        if given.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return port;
+        }
+    }
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     l.local_addr().expect("local addr").port()
+}
+
+/// Whether a server's log says its listen port was taken (EADDRINUSE), so a retry with another
+/// port from [`free_port`] is the fix.
+pub fn port_was_taken(log: &str) -> bool {
+    log.contains("Address already in use") || log.contains("address already in use")
+}
+
+/// Panics on tokio worker threads, where an in-process pgleader's tasks run: tokio would
+/// swallow them (a task's panic only ends that task). Counted from [`watch_worker_panics`] on.
+pub static WORKER_PANICS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Installs (once per test binary) the panic hook that counts [`WORKER_PANICS`].
+pub fn watch_worker_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if std::thread::current().name().is_some_and(|n| n.starts_with("tokio-runtime-worker")) {
+                WORKER_PANICS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            previous(info);
+        }));
+    });
 }
 
 /// Polls `check` every 50 ms until it holds, panicking with `what` after `patience`.

@@ -301,15 +301,17 @@ impl PatroniCluster {
     /// waits for a streaming (in sync mode: synchronous) replica, then creates the roles and the
     /// app database via the leader.
     ///
-    /// Ports are picked free just before use, so another process can take one in between (an
-    /// outgoing connection's ephemeral port is enough) and PostgreSQL or etcd then fails to bind.
-    /// A bootstrap that fails (a Patroni exits, or no leader within [`PATIENCE`]) is retried from
-    /// scratch with new ports, up to 3 times, printing the logs of each failed attempt.
+    /// Ports are picked free just before use (below the ephemeral range, see [`free_port`]), so
+    /// another process can still take one in between and PostgreSQL, Patroni or etcd then fails
+    /// to bind. etcd members are restarted on new ports at once when one cannot bind; a bootstrap
+    /// that fails (a Patroni exits, a log says "Address already in use", or no leader within
+    /// [`PATIENCE`]) is retried from scratch with new ports, up to 3 times, printing the logs of
+    /// each failed attempt.
     pub async fn start(replication: Replication) -> PatroniCluster {
         const ATTEMPTS: u32 = 3;
         let mut attempt = 1;
         loop {
-            let mut cluster = PatroniCluster::spawn(replication);
+            let mut cluster = PatroniCluster::spawn(replication).await;
             match cluster.bootstrap().await {
                 Ok(()) => {
                     cluster.create_roles().await;
@@ -328,7 +330,7 @@ impl PatroniCluster {
     }
 
     /// etcd running and both nodes' configs written; no Patroni yet.
-    fn spawn(replication: Replication) -> PatroniCluster {
+    async fn spawn(replication: Replication) -> PatroniCluster {
         let venv = patroni_venv();
         let etcd_bin = etcd_bin();
         let pg_bin = super::pg::pg_bin();
@@ -336,7 +338,7 @@ impl PatroniCluster {
         let scope = format!("pgl-{}", std::process::id());
         let mut cluster = PatroniCluster { replication, scope, nodes: Vec::new(), etcd: Vec::new(), venv, dir };
 
-        cluster.start_etcd(&etcd_bin);
+        cluster.start_etcd(&etcd_bin).await;
         let hosts = cluster.etcd.iter().map(|m| format!("127.0.0.1:{}", m.client_port)).collect::<Vec<_>>().join(",");
         for i in 0..2 {
             let node_dir = cluster.dir.path().join(format!("node{i}"));
@@ -379,6 +381,10 @@ impl PatroniCluster {
                 if node.patroni.is_some() && node.patroni_pid().is_none() {
                     return Err(format!("{}'s Patroni exited while waiting until {what}", node.name));
                 }
+                // PostgreSQL's and Patroni's own output both go to this log.
+                if super::port_was_taken(&node.log_tail(200)) {
+                    return Err(format!("a port of {} was taken before it was bound", node.name));
+                }
             }
             if tokio::time::Instant::now() > deadline {
                 return Err(format!("timed out after {PATIENCE:?} waiting until {what}"));
@@ -387,7 +393,31 @@ impl PatroniCluster {
         }
     }
 
-    fn start_etcd(&mut self, etcd_bin: &Path) {
+    /// Starts the 3 etcd members and waits until each listens; when one cannot bind its port
+    /// (taken since it was picked), all are restarted on new ports.
+    async fn start_etcd(&mut self, etcd_bin: &Path) {
+        const ATTEMPTS: u32 = 5;
+        for attempt in 1..=ATTEMPTS {
+            self.spawn_etcd(etcd_bin);
+            match self.wait_etcd_listening().await {
+                Ok(()) => return,
+                Err(log) => {
+                    for m in &mut self.etcd {
+                        let _ = m.child.kill();
+                        let _ = m.child.wait();
+                    }
+                    self.etcd.clear();
+                    assert!(
+                        super::port_was_taken(&log) && attempt < ATTEMPTS,
+                        "etcd did not start (attempt {attempt}/{ATTEMPTS}):\n{log}"
+                    );
+                    eprintln!("an etcd port was taken before etcd bound it; restarting etcd on new ports");
+                }
+            }
+        }
+    }
+
+    fn spawn_etcd(&mut self, etcd_bin: &Path) {
         let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
         let initial = ports
             .iter()
@@ -396,12 +426,14 @@ impl PatroniCluster {
             .collect::<Vec<_>>()
             .join(",");
         for (i, (client, peer)) in ports.iter().enumerate() {
-            let log = File::create(self.dir.path().join(format!("etcd{i}.log"))).expect("etcd log");
+            let data_dir = self.dir.path().join(format!("etcd{i}"));
+            let _ = std::fs::remove_dir_all(&data_dir);
+            let log = File::create(self.etcd_log(i)).expect("etcd log");
             let child = Command::new(etcd_bin)
                 .arg("--name")
                 .arg(format!("e{i}"))
                 .arg("--data-dir")
-                .arg(self.dir.path().join(format!("etcd{i}")))
+                .arg(data_dir)
                 .arg(format!("--listen-client-urls=http://127.0.0.1:{client}"))
                 .arg(format!("--advertise-client-urls=http://127.0.0.1:{client}"))
                 .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
@@ -417,6 +449,34 @@ impl PatroniCluster {
                 .spawn()
                 .unwrap_or_else(|e| panic!("spawn etcd: {e} (apt-get install -y etcd-server)"));
             self.etcd.push(EtcdMember { client_port: *client, child });
+        }
+    }
+
+    fn etcd_log(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("etcd{i}.log"))
+    }
+
+    /// Waits until every member accepts TCP on its client port (etcd binds its peer port
+    /// first); `Err` with the logs when a member exits first.
+    async fn wait_etcd_listening(&mut self) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let mut listening = 0;
+            for (i, m) in self.etcd.iter_mut().enumerate() {
+                if !matches!(m.child.try_wait(), Ok(None)) {
+                    let logs: Vec<String> =
+                        (0..3).map(|j| tail(&self.dir.path().join(format!("etcd{j}.log")), 20)).collect();
+                    return Err(format!("etcd member e{i} exited:\n{}", logs.join("\n")));
+                }
+                if tokio::net::TcpStream::connect(("127.0.0.1", m.client_port)).await.is_ok() {
+                    listening += 1;
+                }
+            }
+            if listening == self.etcd.len() {
+                return Ok(());
+            }
+            assert!(tokio::time::Instant::now() < deadline, "etcd did not listen within {PATIENCE:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

@@ -6,6 +6,13 @@
 //! When the effective uid is 0 the server runs as the `postgres` user (PostgreSQL refuses root).
 //! `Drop` stops the server immediately and removes its directory, also when a test panics.
 //! A missing PostgreSQL is a hard failure with the install command, never a silent skip.
+//! A start whose port was taken in the meantime (EADDRINUSE in the server log) is retried with
+//! a new port from [`free_port`].
+//!
+//! Blocking and async: the plain methods run their commands with `std::process` and poll with
+//! `thread::sleep`, for setup before anything async runs. Inside an async test that hosts an
+//! in-process pgleader, use the `*_async` twins (`tokio::process`, `tokio::time::sleep`), so
+//! the harness never blocks a thread the runtime needs.
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
@@ -16,7 +23,7 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use super::{eventually_blocking, free_port};
+use super::{eventually, eventually_blocking, free_port, port_was_taken};
 
 /// Where the PostgreSQL server binaries are.
 pub fn pg_bin() -> PathBuf {
@@ -69,6 +76,17 @@ fn pg_command(program: &str) -> Command {
 
 fn run_ok(cmd: &mut Command) -> Output {
     let out = cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    check_ok(cmd, out)
+}
+
+/// [`run_ok`] on tokio's process driver: the calling task waits, no thread blocks.
+async fn run_ok_async(cmd: Command) -> Output {
+    let what = format!("{cmd:?}");
+    let out = tokio::process::Command::from(cmd).output().await.unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+    check_ok(&what, out)
+}
+
+fn check_ok(cmd: &dyn std::fmt::Debug, out: Output) -> Output {
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}\n{}",
@@ -77,6 +95,9 @@ fn run_ok(cmd: &mut Command) -> Output {
     );
     out
 }
+
+/// How many times a start is retried with a new port after EADDRINUSE.
+const PORT_ATTEMPTS: u32 = 5;
 
 /// One PostgreSQL server on 127.0.0.1.
 pub struct PgNode {
@@ -171,31 +192,78 @@ impl PgNode {
         append(&self.datadir().join("pg_hba.conf"), text);
     }
 
-    /// Starts the server and waits until it accepts connections.
+    /// Starts the server and waits until it accepts connections. If its port was taken since
+    /// it was picked, moves to a new one (a later `port` line wins) and starts again.
     pub fn start(&mut self) {
-        run_ok(
-            pg_command("pg_ctl")
-                .args(["-w", "-t", "60", "-l"])
-                .arg(self.logfile())
-                .arg("-D")
-                .arg(self.datadir())
-                .arg("start")
-                .stdout(Stdio::null()),
+        for attempt in 1..=PORT_ATTEMPTS {
+            let out = self.start_cmd().output().expect("spawn pg_ctl start");
+            if out.status.success() {
+                self.running = true;
+                self.wait_ready();
+                return;
+            }
+            self.retry_on_another_port(attempt, &out);
+        }
+    }
+
+    /// [`PgNode::start`] without blocking the runtime.
+    pub async fn start_async(&mut self) {
+        for attempt in 1..=PORT_ATTEMPTS {
+            let out = tokio::process::Command::from(self.start_cmd()).output().await.expect("spawn pg_ctl start");
+            if out.status.success() {
+                self.running = true;
+                self.wait_ready_async().await;
+                return;
+            }
+            self.retry_on_another_port(attempt, &out);
+        }
+    }
+
+    fn start_cmd(&self) -> Command {
+        let mut cmd = pg_command("pg_ctl");
+        cmd.args(["-w", "-t", "60", "-l"]).arg(self.logfile()).arg("-D").arg(self.datadir()).arg("start");
+        cmd.stdout(Stdio::null());
+        cmd
+    }
+
+    /// After a failed `pg_ctl start`: a new port if the old one was taken, else the failure.
+    fn retry_on_another_port(&mut self, attempt: u32, out: &Output) {
+        let log = std::fs::read_to_string(self.logfile()).unwrap_or_default();
+        assert!(
+            port_was_taken(&log) && attempt < PORT_ATTEMPTS,
+            "{}: pg_ctl start failed (attempt {attempt}): {}\n{}\nserver log:\n{log}",
+            self.name,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
         );
-        self.running = true;
-        self.wait_ready();
+        let port = free_port();
+        eprintln!("{}: port {} was taken before the server bound it; retrying on {port}", self.name, self.port);
+        self.port = port;
+        // Truncated, so the next failure is judged on its own log lines.
+        let _ = std::fs::write(self.logfile(), "");
+        self.append_conf(&format!("port = {port}\n"));
+    }
+
+    fn isready_cmd(&self) -> Command {
+        let mut cmd = pg_command("pg_isready");
+        cmd.args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres"]).stdout(Stdio::null());
+        cmd
     }
 
     /// Polls `pg_isready` until the server answers (no fixed sleep).
     pub fn wait_ready(&self) {
-        let port = self.port.to_string();
         eventually_blocking(Duration::from_secs(60), &format!("{} accepts connections", self.name), || {
-            pg_command("pg_isready")
-                .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres"])
-                .stdout(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
+            self.isready_cmd().status().is_ok_and(|s| s.success())
         });
+    }
+
+    /// [`PgNode::wait_ready`] without blocking the runtime.
+    pub async fn wait_ready_async(&self) {
+        eventually(Duration::from_secs(60), &format!("{} accepts connections", self.name), || async {
+            let status = tokio::process::Command::from(self.isready_cmd()).status().await;
+            status.is_ok_and(|s| s.success()).then_some(())
+        })
+        .await;
     }
 
     /// `pg_ctl stop -m fast`.
@@ -208,38 +276,83 @@ impl PgNode {
         self.stop_mode("immediate");
     }
 
+    /// [`PgNode::stop`] without blocking the runtime.
+    pub async fn stop_async(&mut self) {
+        self.stop_mode_async("fast").await;
+    }
+
+    /// [`PgNode::stop_immediate`] without blocking the runtime.
+    pub async fn stop_immediate_async(&mut self) {
+        self.stop_mode_async("immediate").await;
+    }
+
+    fn stop_cmd(&self, mode: &str) -> Command {
+        let mut cmd = pg_command("pg_ctl");
+        cmd.args(["-w", "-t", "60", "-m", mode, "-D"]).arg(self.datadir()).arg("stop");
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        cmd
+    }
+
     fn stop_mode(&mut self, mode: &str) {
         if !self.running {
             return;
         }
         self.thaw();
-        let _ = pg_command("pg_ctl")
-            .args(["-w", "-t", "60", "-m", mode, "-D"])
-            .arg(self.datadir())
-            .arg("stop")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        let _ = self.stop_cmd(mode).status();
         self.running = false;
+    }
+
+    async fn stop_mode_async(&mut self, mode: &str) {
+        if !self.running {
+            return;
+        }
+        self.thaw();
+        let _ = tokio::process::Command::from(self.stop_cmd(mode)).status().await;
+        self.running = false;
+    }
+
+    fn pg_ctl(&self, args: &[&str], action: &str) -> Command {
+        let mut cmd = pg_command("pg_ctl");
+        cmd.args(args).arg("-D").arg(self.datadir()).arg(action);
+        cmd
     }
 
     /// Starts a *smart* shutdown and returns at once: the server refuses new connections with
     /// 57P03 ("the database system is shutting down") while existing sessions go on.
     pub fn begin_smart_shutdown(&self) {
-        run_ok(pg_command("pg_ctl").args(["-W", "-m", "smart", "-D"]).arg(self.datadir()).arg("stop"));
+        run_ok(&mut self.pg_ctl(&["-W", "-m", "smart"], "stop"));
+    }
+
+    /// [`PgNode::begin_smart_shutdown`] without blocking the runtime.
+    pub async fn begin_smart_shutdown_async(&self) {
+        run_ok_async(self.pg_ctl(&["-W", "-m", "smart"], "stop")).await;
     }
 
     /// `pg_ctl promote` without waiting for it to finish.
     pub fn promote_nowait(&self) {
-        run_ok(pg_command("pg_ctl").args(["-W", "-D"]).arg(self.datadir()).arg("promote"));
+        run_ok(&mut self.pg_ctl(&["-W"], "promote"));
+    }
+
+    /// [`PgNode::promote_nowait`] without blocking the runtime.
+    pub async fn promote_nowait_async(&self) {
+        run_ok_async(self.pg_ctl(&["-W"], "promote")).await;
     }
 
     /// `pg_ctl promote` and wait until the server is out of recovery.
     pub fn promote(&self) {
-        run_ok(pg_command("pg_ctl").args(["-w", "-t", "60", "-D"]).arg(self.datadir()).arg("promote"));
+        run_ok(&mut self.pg_ctl(&["-w", "-t", "60"], "promote"));
         eventually_blocking(Duration::from_secs(60), &format!("{} promoted", self.name), || {
             self.sql("postgres", "SELECT pg_is_in_recovery()").is_some_and(|s| s == "f")
         });
+    }
+
+    /// [`PgNode::promote`] without blocking the runtime.
+    pub async fn promote_async(&self) {
+        run_ok_async(self.pg_ctl(&["-w", "-t", "60"], "promote")).await;
+        eventually(Duration::from_secs(60), &format!("{} promoted", self.name), || async {
+            (self.sql_async("postgres", "SELECT pg_is_in_recovery()").await.as_deref() == Some("f")).then_some(())
+        })
+        .await;
     }
 
     /// The postmaster's pid, from `postmaster.pid`.
@@ -280,26 +393,40 @@ impl PgNode {
         pids
     }
 
+    fn psql_cmd(&self, dbname: &str, args: &[&str]) -> Command {
+        let mut cmd = Command::new(pg_bin().join("psql"));
+        cmd.args(["-X", "-v", "ON_ERROR_STOP=1", "-At", "-d", &self.connstr(dbname)]).args(args);
+        cmd
+    }
+
     /// Runs psql against this server as `postgres` (ON_ERROR_STOP, no psqlrc).
     pub fn psql(&self, dbname: &str, args: &[&str]) -> Output {
-        Command::new(pg_bin().join("psql"))
-            .args(["-X", "-v", "ON_ERROR_STOP=1", "-At", "-d", &self.connstr(dbname)])
-            .args(args)
-            .output()
-            .expect("run psql")
+        self.psql_cmd(dbname, args).output().expect("run psql")
+    }
+
+    /// [`PgNode::psql`] without blocking the runtime.
+    pub async fn psql_async(&self, dbname: &str, args: &[&str]) -> Output {
+        tokio::process::Command::from(self.psql_cmd(dbname, args)).output().await.expect("run psql")
     }
 
     /// One value from a query via psql, or `None` if it failed.
     pub fn sql(&self, dbname: &str, query: &str) -> Option<String> {
-        let out = self.psql(dbname, &["-c", query]);
-        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        stdout_if_ok(&self.psql(dbname, &["-c", query]))
+    }
+
+    /// [`PgNode::sql`] without blocking the runtime.
+    pub async fn sql_async(&self, dbname: &str, query: &str) -> Option<String> {
+        stdout_if_ok(&self.psql_async(dbname, &["-c", query]).await)
     }
 
     /// Like [`PgNode::sql`] but panics with psql's error.
     pub fn sql_ok(&self, dbname: &str, query: &str) -> String {
-        let out = self.psql(dbname, &["-c", query]);
-        assert!(out.status.success(), "{query}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        expect_stdout(query, &self.psql(dbname, &["-c", query]))
+    }
+
+    /// [`PgNode::sql_ok`] without blocking the runtime.
+    pub async fn sql_ok_async(&self, dbname: &str, query: &str) -> String {
+        expect_stdout(query, &self.psql_async(dbname, &["-c", query]).await)
     }
 
     /// A tokio-postgres client; the connection task is spawned on the current runtime.
@@ -320,6 +447,16 @@ impl PgNode {
         });
     }
 
+    /// [`PgNode::wait_for_catchup`] without blocking the runtime.
+    pub async fn wait_for_catchup_async(&self, replica: &PgNode) {
+        let lsn = self.sql_ok_async("postgres", "SELECT pg_current_wal_lsn()").await;
+        let query = format!("SELECT pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn");
+        eventually(Duration::from_secs(60), &format!("{} caught up", replica.name), || async {
+            (replica.sql_async("postgres", &query).await.as_deref() == Some("t")).then_some(())
+        })
+        .await;
+    }
+
     /// The primary's current timeline (DESIGN rule 6).
     pub fn timeline(&self) -> u32 {
         let hex = self.sql_ok("postgres", "SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)");
@@ -335,6 +472,15 @@ impl Drop for PgNode {
     fn drop(&mut self) {
         self.stop_mode("immediate");
     }
+}
+
+fn stdout_if_ok(out: &Output) -> Option<String> {
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn expect_stdout(query: &str, out: &Output) -> String {
+    assert!(out.status.success(), "{query}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 fn append(path: &Path, text: &str) {

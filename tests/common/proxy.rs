@@ -10,6 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::pg::PgNode;
 
 /// Builds the TOML for a test pgleader; every key can be overridden.
+#[derive(Clone)]
 pub struct ProxyBuilder {
     backends: Vec<(String, String)>,
     proxy: Vec<(String, String)>,
@@ -90,6 +91,17 @@ pub async fn connect_via(proxy: SocketAddr, dbname: &str) -> Result<tokio_postgr
     let (client, conn) = tokio_postgres::connect(&via(proxy, "postgres", dbname), tokio_postgres::NoTls).await?;
     tokio::spawn(conn);
     Ok(client)
+}
+
+/// psql through the proxy as `postgres` (`extra`: more conninfo such as `sslmode=require`), run
+/// on tokio's process driver so the runtime that hosts the in-process pgleader keeps running.
+pub async fn psql_via(proxy: SocketAddr, extra: &str, sql: &str) -> std::process::Output {
+    let conn = format!("host={} port={} user=postgres dbname=postgres {extra}", proxy.ip(), proxy.port());
+    tokio::process::Command::new(super::pg::pg_bin().join("psql"))
+        .args(["-X", "-At", "-d", &conn, "-c", sql])
+        .output()
+        .await
+        .expect("run psql")
 }
 
 /// GET (or another method) over HTTP/1.1; returns status and body.

@@ -281,8 +281,14 @@ impl Workload {
 
     /// Successful attempts of `writer` that started at or after `since_ms`.
     pub fn ok_since(&self, writer: Writer, since_ms: f64) -> usize {
+        self.count_since(writer, Outcome::Ok, since_ms)
+    }
+
+    /// Attempts of `writer` with `outcome` that started at or after `since_ms` (to wait for an
+    /// event, such as the workload meeting an outage, instead of for wall-clock time).
+    pub fn count_since(&self, writer: Writer, outcome: Outcome, since_ms: f64) -> usize {
         let log = self.log.lock().expect("log");
-        log.attempts.iter().filter(|a| a.writer == writer && a.outcome == Outcome::Ok && a.start_ms >= since_ms).count()
+        log.attempts.iter().filter(|a| a.writer == writer && a.outcome == outcome && a.start_ms >= since_ms).count()
     }
 
     /// Waits until `writer` has `n` successes that started at or after `since_ms`.
