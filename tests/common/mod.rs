@@ -15,6 +15,7 @@ pub mod partition;
 pub mod patroni;
 pub mod pg;
 pub mod proxy;
+pub mod scenario;
 pub mod workload;
 
 use std::future::Future;
