@@ -43,7 +43,7 @@ fn assert_common(r: &ScenarioResult) {
     assert!(r.final_leader.is_some(), "no single primary at the end");
     let m = r.measures(FrontEndKind::PgleaderSql);
     assert_eq!(m.read_only_hits, 0, "pgleader sent writes to a read-only node");
-    assert!(m.recovered, "pgleader's writers did not all write again after the heal: {:?}", r.front_end_recovered_ms);
+    assert!(m.recovered, "pgleader's writers did not all write again after the heal: {:?}", r.front_end_recovered);
     assert!(
         !m.overlapping_primaries,
         "two primaries acknowledged pgleader's writes at overlapping times ({:.0} ms)",

@@ -455,7 +455,7 @@ mod nfqueue {
         buf.extend_from_slice(&((4 + payload.len()) as u16).to_ne_bytes());
         buf.extend_from_slice(&kind.to_ne_bytes());
         buf.extend_from_slice(payload);
-        while buf.len() % 4 != 0 {
+        while !buf.len().is_multiple_of(4) {
             buf.push(0);
         }
     }

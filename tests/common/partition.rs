@@ -51,9 +51,12 @@ pub const ETCD_HEARTBEAT_MS: u64 = 100;
 pub const ETCD_ELECTION_MS: u64 = 1000;
 /// Bound on waits for things the cluster does by itself (bootstrap, failover, rejoin).
 pub const PATIENCE: Duration = Duration::from_secs(120);
-/// How long after the cluster recovered every writer of a front end has to write again for the
-/// front end to count as "recovered by itself".
+/// How long the run goes on after the cluster recovered: a front end has "recovered by itself"
+/// when every one of its writers wrote again in that window and none failed in its last
+/// [`STABLE_TAIL`] (so a front end that works for a moment and then sends writes to the
+/// rejoined replica does not count).
 pub const RECOVERY_WINDOW: Duration = Duration::from_secs(30);
+pub const STABLE_TAIL: Duration = Duration::from_secs(5);
 /// Acknowledged writes that count as "writes again": new-connection writer, long-lived writer.
 pub const ACKS_TO_COUNT: (usize, usize) = (20, 10);
 /// A workload's attempt is abandoned after this (above pgleader's `leader_wait_timeout`, 10 s).
@@ -719,5 +722,12 @@ impl Writers {
     pub fn writing_since(&self, since_ms: f64) -> bool {
         self.ok_since(Writer::NewConn, since_ms) >= ACKS_TO_COUNT.0
             && self.ok_since(Writer::LongLived, since_ms) >= ACKS_TO_COUNT.1
+    }
+
+    /// Did no attempt of either writer fail since `since_ms` (lab clock)?
+    pub fn no_failure_since(&self, since_ms: f64) -> bool {
+        [Writer::NewConn, Writer::LongLived]
+            .iter()
+            .all(|w| self.workload.failed_since(*w, since_ms - self.offset_ms) == 0)
     }
 }

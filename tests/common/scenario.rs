@@ -3,7 +3,7 @@
 //! `examples/partition_report.rs`, so the suite and the report count the same way).
 //!
 //! A run: the lab comes up (optiplex leads); every front end's writers start on both database
-//! nodes and warm up ([`ACKS_TO_COUNT`] acknowledged writes each); the fault; the heal; then the
+//! nodes and warm up ([`super::partition::ACKS_TO_COUNT`] acknowledged writes each); the fault; the heal; then the
 //! run waits (bounded) for the cluster to recover by itself (one leader, the other member
 //! streaming) and then, for [`RECOVERY_WINDOW`], for every writer of each front end to write
 //! again. Nothing is restarted by hand at any point.
@@ -18,7 +18,8 @@
 //!   overlap is the total length of the intersections (client-side times: an ack is somewhere in
 //!   its attempt's interval, so the measure errs towards reporting an overlap);
 //! - *recovered by itself*: every writer of the front end wrote again within
-//!   [`RECOVERY_WINDOW`] of the cluster's recovery.
+//!   [`RECOVERY_WINDOW`] of the cluster's recovery, and none of its attempts failed in the
+//!   window's last [`STABLE_TAIL`].
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
@@ -29,11 +30,11 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::partition::{
-    pg_port, FrontEnd, FrontEndKind, Lab, Writers, ACKS_TO_COUNT, DB_NODES, ETCD_ELECTION_MS, ETCD_HEARTBEAT_MS,
-    PATIENCE, RECOVERY_WINDOW, TERM_GAP_MS,
+    pg_port, FrontEnd, FrontEndKind, Lab, Writers, DB_NODES, ETCD_ELECTION_MS, ETCD_HEARTBEAT_MS, PATIENCE,
+    RECOVERY_WINDOW, STABLE_TAIL, TERM_GAP_MS,
 };
 use super::patroni::{Replication, LOOP_WAIT_SECS, RETRY_TIMEOUT_SECS, TTL_SECS};
-use super::workload::{Attempt, Mark, Outcome, Run, Writer};
+use super::workload::{Attempt, Mark, Outcome, Run};
 
 /// The node that leads when a run starts (it bootstraps the cluster).
 pub const FIRST_LEADER: &str = "optiplex";
@@ -147,8 +148,10 @@ pub struct ScenarioResult {
     pub cluster_recovered_ms: Option<f64>,
     /// The single primary at the end (None: none or two).
     pub final_leader: Option<String>,
-    /// Per front end slug: when (lab clock) all its writers wrote again, if they did.
-    pub front_end_recovered_ms: BTreeMap<String, Option<f64>>,
+    /// Per front end slug: when (lab clock) all its writers had written again, if they did.
+    pub front_end_writing_again_ms: BTreeMap<String, Option<f64>>,
+    /// Per front end slug: recovered by itself (see the module doc).
+    pub front_end_recovered: BTreeMap<String, bool>,
     pub writers: Vec<WriterRecord>,
 }
 
@@ -179,7 +182,7 @@ impl ScenarioResult {
     /// The numbers of `kind` in this run.
     pub fn measures(&self, kind: FrontEndKind) -> Measures {
         let mut m = Measures {
-            recovered: self.front_end_recovered_ms.get(kind.slug()).is_some_and(Option::is_some),
+            recovered: self.front_end_recovered.get(kind.slug()).copied().unwrap_or(false),
             ..Measures::default()
         };
         let mut acks: Vec<(String, f64, f64)> = Vec::new();
@@ -273,13 +276,12 @@ pub fn timings(replication: Replication) -> String {
     )
 }
 
-async fn wait_all_writing(lab: &Lab, writers: &[Writers], since_ms: f64, what: &str) {
+async fn wait_all_writing(writers: &[Writers], since_ms: f64, what: &str) {
     let deadline = Instant::now() + PATIENCE;
     while !writers.iter().all(|w| w.writing_since(since_ms)) {
         assert!(Instant::now() < deadline, "timed out after {PATIENCE:?} waiting until every writer {what}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let _ = lab;
 }
 
 /// Holds until `node` is Patroni's primary (or [`PATIENCE`] passed), then `after` more.
@@ -327,7 +329,7 @@ pub async fn run(
     let other = "epyc";
     let writers = lab.start_writers().await;
     let begin = lab.mark("writers start");
-    wait_all_writing(&lab, &writers, begin, "warmed up").await;
+    wait_all_writing(&writers, begin, "warmed up").await;
 
     let (fault_ms, new_leader_ms) = match scenario {
         Scenario::IsolateLeader => {
@@ -407,19 +409,28 @@ pub async fn run(
         lab.mark("cluster did not recover");
     }
     let since = cluster_recovered_ms.unwrap_or(heal_ms);
-    let mut recovered: BTreeMap<String, Option<f64>> =
+    let mut writing_again: BTreeMap<String, Option<f64>> =
         front_ends.iter().map(|f| (f.kind.slug().to_owned(), None)).collect();
     let window_end = Instant::now() + RECOVERY_WINDOW;
-    while Instant::now() < window_end && recovered.values().any(Option::is_none) {
+    while Instant::now() < window_end {
         for fe in &front_ends {
             let done = writers.iter().filter(|w| w.front_end == fe.kind).all(|w| w.writing_since(since));
-            if done && recovered[fe.kind.slug()].is_none() {
+            if done && writing_again[fe.kind.slug()].is_none() {
                 let at = lab.mark(&format!("{} writes again", fe.kind.slug()));
-                recovered.insert(fe.kind.slug().to_owned(), Some(at));
+                writing_again.insert(fe.kind.slug().to_owned(), Some(at));
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let tail_from = lab.now_ms() - STABLE_TAIL.as_secs_f64() * 1000.0;
+    let recovered: BTreeMap<String, bool> = front_ends
+        .iter()
+        .map(|fe| {
+            let mine = writers.iter().filter(|w| w.front_end == fe.kind);
+            let stable = mine.clone().all(|w| w.no_failure_since(tail_from));
+            (fe.kind.slug().to_owned(), stable && writing_again[fe.kind.slug()].is_some())
+        })
+        .collect();
     lab.mark("writers stop");
 
     let mut records = Vec::new();
@@ -466,7 +477,8 @@ pub async fn run(
         new_leader_ms,
         cluster_recovered_ms,
         final_leader,
-        front_end_recovered_ms: recovered,
+        front_end_writing_again_ms: writing_again,
+        front_end_recovered: recovered,
         writers: records,
     };
     drop(lab);
@@ -503,25 +515,9 @@ pub fn print_summary(r: &ScenarioResult) {
 }
 
 /// Acknowledged writes of `kind`'s writers (lab clock), for checks.
-pub fn acked<'a>(r: &'a ScenarioResult, kind: FrontEndKind) -> impl Iterator<Item = (&'a WriterRecord, &'a Attempt)> {
+pub fn acked(r: &ScenarioResult, kind: FrontEndKind) -> impl Iterator<Item = (&WriterRecord, &Attempt)> {
     r.writers
         .iter()
         .filter(move |w| w.front_end == kind)
         .flat_map(|w| w.attempts.iter().filter(|a| a.outcome == Outcome::Ok).map(move |a| (w, a)))
-}
-
-/// Writers of `kind` as (node, writer) pairs that appear in the run (for messages).
-pub fn writer_names(r: &ScenarioResult, kind: FrontEndKind) -> Vec<String> {
-    let mut v = Vec::new();
-    for w in r.writers.iter().filter(|w| w.front_end == kind) {
-        for writer in [Writer::NewConn, Writer::LongLived] {
-            v.push(format!("{}/{writer}", w.node));
-        }
-    }
-    v
-}
-
-/// Fewest acknowledged writes a writer needs after `since` to count as writing again.
-pub fn acks_to_count() -> (usize, usize) {
-    ACKS_TO_COUNT
 }

@@ -288,6 +288,12 @@ impl Workload {
         log.attempts.iter().filter(|a| a.writer == writer && a.outcome == Outcome::Ok && a.start_ms >= since_ms).count()
     }
 
+    /// Failed attempts of `writer` that started at or after `since_ms`.
+    pub fn failed_since(&self, writer: Writer, since_ms: f64) -> usize {
+        let log = self.log.lock().expect("log");
+        log.attempts.iter().filter(|a| a.writer == writer && a.outcome != Outcome::Ok && a.start_ms >= since_ms).count()
+    }
+
     /// Waits until `writer` has `n` successes that started at or after `since_ms`.
     pub async fn wait_ok_since(&self, writer: Writer, since_ms: f64, n: usize, patience: Duration) {
         super::eventually(patience, &format!("{n} successful {writer} writes after {since_ms:.0} ms"), || async {
