@@ -109,3 +109,40 @@ async fn isolate_the_leaders_node_async_every_front_end() {
         .count();
     eprintln!("pgleader SQL-only: {failed_57p03} attempts got 57P03 during the partition");
 }
+
+/// Leftovers of a run whose process is gone (a SIGKILLed test) are removed by the next run,
+/// with the processes inside; those of a live owner are left alone.
+#[test]
+fn leftovers_of_dead_runs_are_removed_and_live_ones_kept() {
+    use common::netns::{remove_orphans, require_netns, sh};
+    require_netns();
+    let mut gone = std::process::Command::new("true").spawn().expect("spawn true");
+    let dead = gone.id();
+    gone.wait().expect("reap");
+    let mut alive = std::process::Command::new("sleep").arg("600").spawn().expect("spawn sleep");
+    let live = alive.id();
+    let (dead_ns, dead_if, live_ns) = (format!("pgl-mac-{dead}"), format!("plm{dead}"), format!("pgl-mac-{live}"));
+    sh("ip", &["netns", "add", &dead_ns]);
+    sh("ip", &["netns", "add", &live_ns]);
+    sh("ip", &["link", "add", &dead_if, "type", "veth", "peer", "name", "eth0", "netns", &dead_ns]);
+    let mut inside = std::process::Command::new("ip")
+        .args(["netns", "exec", &dead_ns, "sleep", "600"])
+        .spawn()
+        .expect("a process inside the dead run's namespace");
+    common::eventually_blocking(std::time::Duration::from_secs(5), "the process is inside", || {
+        !sh("ip", &["netns", "pids", &dead_ns]).trim().is_empty()
+    });
+
+    remove_orphans();
+
+    let namespaces = sh("ip", &["netns", "list"]);
+    let links = sh("ip", &["-o", "link", "show"]);
+    let status = inside.wait().expect("reap the process that was inside");
+    sh("ip", &["netns", "del", &live_ns]);
+    let _ = alive.kill();
+    let _ = alive.wait();
+    assert!(!namespaces.contains(&dead_ns), "the dead run's namespace is gone: {namespaces}");
+    assert!(!links.contains(&dead_if), "the dead run's veth is gone");
+    assert!(!status.success(), "the process inside the dead run's namespace was killed ({status})");
+    assert!(namespaces.contains(&live_ns), "a live run's namespace is kept: {namespaces}");
+}

@@ -248,6 +248,9 @@ impl Lab {
     /// Namespaces, etcd, Patroni (optiplex bootstraps and leads, epyc replicates), the roles and
     /// the workload table, and every front end on both database nodes, each routing to the leader.
     pub async fn start(replication: Replication, front_ends: Vec<FrontEnd>, pgleader: &Path) -> Lab {
+        // Processes run in the lab's temp dir: a relative path would not name the binary there.
+        let pgleader = &std::fs::canonicalize(pgleader)
+            .unwrap_or_else(|e| panic!("{}: {e} (cargo build --bin pgleader)", pgleader.display()));
         let net = Net::create();
         let dir = tempfile::Builder::new().prefix("pgleader-partitions-").tempdir().expect("tempdir");
         let scope = format!("pgl-{}", std::process::id());
@@ -412,13 +415,18 @@ impl Lab {
             if check(self).await {
                 return;
             }
-            for s in &mut self.children {
-                if let Ok(Some(status)) = s.child.try_wait() {
-                    panic!("{} exited ({status}) while waiting until {what}", s.what);
-                }
-            }
+            self.assert_all_running(what);
             assert!(Instant::now() < deadline, "timed out after {PATIENCE:?} waiting until {what}");
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Panics if a process the lab started has exited (while waiting until `what`).
+    fn assert_all_running(&mut self, what: &str) {
+        for s in &mut self.children {
+            if let Ok(Some(status)) = s.child.try_wait() {
+                panic!("{} exited ({status}) while waiting until {what}", s.what);
+            }
         }
     }
 
