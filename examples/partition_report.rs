@@ -5,7 +5,7 @@
 //! ```text
 //! partition_report collect --out docs/partitions --pgleader target/debug/pgleader
 //!                          [--scenarios isolate-leader,...] [--modes async,sync]
-//!                          [--frontends pgleader,haproxy-rest,haproxy-tcp,pgleader-fenced]
+//!                          [--frontends pgleader,haproxy-rest,haproxy-tcp,pgleader-fenced] [--append]
 //! partition_report render  --from docs/partitions --doc docs/partitions.md
 //! ```
 //! `scripts/partition-report` runs both. `collect` writes, per run and workload, the attempts as
@@ -75,7 +75,7 @@ fn main() -> Result<(), String> {
                 .enable_all()
                 .build()
                 .map_err(|e| format!("build runtime: {e}"))?;
-            rt.block_on(collect(&out, &pgleader, &scenarios, &modes, front_ends))
+            rt.block_on(collect(&out, &pgleader, &scenarios, &modes, front_ends, args.iter().any(|a| a == "--append")))
         }
         Some("render") => {
             let from = PathBuf::from(opt("--from").unwrap_or_else(|| "docs/partitions".to_owned()));
@@ -94,9 +94,17 @@ async fn collect(
     scenarios: &[Scenario],
     modes: &[Replication],
     front_ends: Vec<common::partition::FrontEnd>,
+    append: bool,
 ) -> Result<(), String> {
     std::fs::create_dir_all(out).map_err(|e| format!("create {}: {e}", out.display()))?;
     let mut report = Report { machine: machine(), runs: Vec::new() };
+    if append {
+        // Add to an earlier collection (e.g. after an interrupted matrix): keep its runs.
+        let text =
+            std::fs::read_to_string(out.join("runs.json")).map_err(|e| format!("--append: read runs.json: {e}"))?;
+        let earlier: Report = serde_json::from_str(&text).map_err(|e| format!("--append: parse runs.json: {e}"))?;
+        report.runs = earlier.runs;
+    }
     for &mode in modes {
         for &s in scenarios {
             let result = scenario::run(s, mode, front_ends.clone(), pgleader).await;
@@ -196,6 +204,7 @@ fn render(from: &Path, doc: &Path) -> Result<(), String> {
         let _ = writeln!(md, "Timings of every run: {}.\n", first.timings);
     }
     md.push_str(&summary_table(&report.runs));
+    md.push_str(&where_worse(&report.runs));
     for r in &report.runs {
         md.push_str(&section(r, rel));
         let svg = format!("{}-{}.svg", r.scenario.slug(), r.replication);
@@ -229,6 +238,66 @@ fn summary_table(runs: &[ScenarioResult]) -> String {
                 if m.recovered { "yes" } else { "**no**" }
             );
         }
+    }
+    md.push('\n');
+    md
+}
+
+/// Every measure of every run in which the SQL-only pgleader did worse than another front end
+/// of the same run (outages: by more than a second), computed, so the list cannot drift from the data.
+fn where_worse(runs: &[ScenarioResult]) -> String {
+    let mut md = String::from("## Where pgleader (SQL only) does worse than a contender\n\n");
+    let mut any = false;
+    for r in runs {
+        if !r.kinds().contains(&FrontEndKind::PgleaderSql) {
+            continue;
+        }
+        let me = r.measures(FrontEndKind::PgleaderSql);
+        for other in r.kinds().into_iter().filter(|k| *k != FrontEndKind::PgleaderSql) {
+            let them = r.measures(other);
+            let mut items = Vec::new();
+            if me.lost > them.lost {
+                items.push(format!("lost {} acknowledged writes, {} lost {}", me.lost, other.label(), them.lost));
+            }
+            if me.read_only_hits > them.read_only_hits {
+                items.push(format!(
+                    "{} writes on a read-only node, {} {}",
+                    me.read_only_hits,
+                    other.label(),
+                    them.read_only_hits
+                ));
+            }
+            if me.overlap_ms > them.overlap_ms {
+                items.push(format!(
+                    "two primaries for {:.0} ms, {} {:.0} ms",
+                    me.overlap_ms,
+                    other.label(),
+                    them.overlap_ms
+                ));
+            }
+            if !me.recovered && them.recovered {
+                items.push(format!("did not recover by itself, {} did", other.label()));
+            }
+            for (writer, mine) in &me.outage_ms {
+                if let Some(theirs) = them.outage_ms.get(writer) {
+                    if mine - theirs > 1000.0 {
+                        items.push(format!(
+                            "writer {writer}: outage {}, {} {}",
+                            secs(*mine),
+                            other.label(),
+                            secs(*theirs)
+                        ));
+                    }
+                }
+            }
+            for item in items {
+                any = true;
+                let _ = writeln!(md, "- {} ({}): {item}.", r.scenario.slug(), r.replication);
+            }
+        }
+    }
+    if !any {
+        md.push_str("- In no run, on none of the measures above (outages compared with a 1 s tolerance).\n");
     }
     md.push('\n');
     md

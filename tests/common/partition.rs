@@ -268,7 +268,14 @@ impl Lab {
         let t0 = Instant::now();
         lab.start_etcd();
         lab.write_patroni_configs();
-        chown_tree(lab.dir.path());
+        // Patroni runs as the server user: it must enter the lab's dir and own its node dirs.
+        // (Not the whole tree: etcd, started above as root, creates and removes files in it.)
+        if let Some((uid, gid)) = run_as() {
+            std::os::unix::fs::chown(lab.dir.path(), Some(uid), Some(gid)).expect("chown the lab's dir");
+        }
+        for node in DB_NODES {
+            chown_tree(&lab.node_dir(node));
+        }
         lab.start_patroni("optiplex");
         lab.wait_until("optiplex leads", |lab| Box::pin(lab.is_writable_primary("optiplex"))).await;
         lab.start_patroni("epyc");
