@@ -200,9 +200,6 @@ fn render(from: &Path, doc: &Path) -> Result<(), String> {
         get("pgleader"),
     );
     md.push_str(SETUP);
-    if let Some(first) = report.runs.first() {
-        let _ = writeln!(md, "Timings of every run: {}.\n", first.timings);
-    }
     md.push_str(&summary_table(&report.runs));
     md.push_str(&where_worse(&report.runs));
     for r in &report.runs {
@@ -316,6 +313,7 @@ fn section(r: &ScenarioResult, rel: &Path) -> String {
         r.cluster_recovered_ms.map_or("**never (within the patience)**".to_owned(), |t| secs(t - r.heal_ms)),
         r.final_leader.as_deref().unwrap_or("none"),
     );
+    let _ = writeln!(md, "Timings: {}.\n", r.timings);
     md.push_str(
         "| front end | lost (acked by) | read-only hits | outage optiplex new / long | outage epyc new / long | overlap | recovered | failed attempts | acked (by node) |\n\
          |---|---|---|---|---|---|---|---|---|\n",
@@ -374,8 +372,8 @@ fn plot(r: &ScenarioResult) -> String {
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"11\">\n\
          <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
          <text x=\"10\" y=\"18\" font-size=\"14\">{} ({} replication)</text>\n\
-         <text x=\"10\" y=\"36\">Per 250 ms. Up: acknowledged writes (green; purple: acknowledged and later lost). Down: failed \
-         attempts (red; orange: reached a read-only node). Dashed: events, numbered as listed below.</text>\n",
+         <text x=\"10\" y=\"36\">Per 250 ms. Up: acknowledged writes (green; purple: acknowledged, later lost). Down: failed \
+         attempts (red; orange: reached a read-only node). Dashed: events, listed below.</text>\n",
         escape(r.scenario.title()),
         r.replication
     );
@@ -492,4 +490,26 @@ const NOTES: &str = "## Notes\n\n\
 20 silently) an isolated leader keeps its PostgreSQL writable until its Patroni gives up on etcd and demotes it, \
 and the other node is promoted only when the leader key expires (ttl after its last renewal). Every write a front \
 end lets through to the isolated leader in that window is acknowledged and then thrown away by `pg_rewind` at the \
-rejoin (asynchronous replication: nothing reached the other node).\n";
+rejoin (asynchronous replication: nothing reached the other node). Production's `ttl 30, loop_wait 10` makes the \
+window longer, not shorter.\n\
+- **Why pgleader (SQL only) loses as much as HAProxy there.** The isolated node's pgleader sees one healthy primary: \
+its local PostgreSQL, which says it is not in recovery until Patroni demotes it. HAProxy's REST check asks the local \
+Patroni, which answers 200 to `OPTIONS /primary` for just as long, and the TCP check sees an open port. All three \
+therefore let the same writes through and lose the same writes; a difference of one is the write that was in flight \
+at the instant of the cut (acknowledged before the cut, not yet replicated). SQL alone cannot tell a primary that \
+is about to be demoted from a healthy one: that is what the etcd fencing of issue 11 is for (writes stop within \
+`max_staleness`), and synchronous replication loses nothing (the isolated primary cannot commit).\n\
+- **Where pgleader is better.** It never routed a write to a read-only node. It holds a new client while there is no \
+leader (up to `leader_wait_timeout`, 10 s) and releases it to the new primary, where HAProxy REST closes the \
+connection at once (the `closed` failures) and HAProxy TCP routes to whatever port is open, the replica included \
+(the 25006 failures). During the flapping link optiplex's Patroni demoted and re-promoted its PostgreSQL (the \
+57P01s); pgleader saw the recovery state at its next check, HAProxy REST kept routing there until `fall` x `inter`.\n\
+- **HAProxy TCP does not come back by itself after a failover.** With `balance first` it sends every client to the \
+first open port, optiplex: after the old leader has rejoined as a replica, every write gets 25006 until someone \
+edits the configuration.\n\
+- **Two primaries never acknowledged writes at overlapping times**, through any front end: the isolated leader is \
+demoted (after `retry_timeout`) before the other node is promoted (after `ttl`). The measure uses client-side times \
+and errs towards reporting an overlap.\n\
+- **Latency.** 200 ms more per round trip changed nothing at these timings (etcd heartbeat 100 ms, election 1 s; \
+Patroni ttl 20 s): only the epyc writers, whose front ends connect across the link to optiplex, took longer per \
+attempt.\n";
