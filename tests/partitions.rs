@@ -115,6 +115,8 @@ async fn isolate_the_leaders_node_async_every_front_end() {
 #[test]
 fn leftovers_of_dead_runs_are_removed_and_live_ones_kept() {
     use common::netns::{remove_orphans, require_netns, sh};
+    // Not beside a lab: its start removes dead runs' leftovers too, the fakes below included.
+    let _serial = SERIAL.blocking_lock();
     require_netns();
     let mut gone = std::process::Command::new("true").spawn().expect("spawn true");
     let dead = gone.id();
