@@ -2,6 +2,7 @@
 //!
 //! - [`pg`]: real PostgreSQL primaries and streaming replicas in temp dirs.
 //! - [`proxy`]: pgleader running in-process on `127.0.0.1:0`, plus a tiny HTTP client for admin.
+//! - [`netns`], [`partition`]: the runbook's three nodes in network namespaces, for the partition suite.
 //!
 //! Policy for a missing PostgreSQL: the tests FAIL with the install command (`apt-get install
 //! postgresql`); `scripts/test` installs it first, so a skip could only hide a broken setup.
@@ -9,9 +10,12 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod netns;
+pub mod partition;
 pub mod patroni;
 pub mod pg;
 pub mod proxy;
+pub mod scenario;
 pub mod wire;
 pub mod workload;
 

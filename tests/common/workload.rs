@@ -48,6 +48,8 @@ pub struct WorkloadOptions {
     pub attempt_timeout: Duration,
     pub new_conn_writer: bool,
     pub long_lived_writer: bool,
+    /// The first id this workload inserts (several workloads can share one table with disjoint ids).
+    pub first_id: i64,
 }
 
 impl WorkloadOptions {
@@ -64,6 +66,7 @@ impl WorkloadOptions {
             attempt_timeout: Duration::from_secs(40),
             new_conn_writer: true,
             long_lived_writer: true,
+            first_id: 1,
         }
     }
 
@@ -255,7 +258,7 @@ impl Workload {
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
         let log = Arc::new(Mutex::new(Log::default()));
         let stop = CancellationToken::new();
-        let next_id = Arc::new(AtomicI64::new(1));
+        let next_id = Arc::new(AtomicI64::new(opts.first_id));
         let mut tasks = Vec::new();
         let ctx = WriterCtx { opts: Arc::new(opts), started, log: log.clone(), stop: stop.clone(), next_id };
         if ctx.opts.new_conn_writer {
@@ -289,6 +292,12 @@ impl Workload {
     pub fn count_since(&self, writer: Writer, outcome: Outcome, since_ms: f64) -> usize {
         let log = self.log.lock().expect("log");
         log.attempts.iter().filter(|a| a.writer == writer && a.outcome == outcome && a.start_ms >= since_ms).count()
+    }
+
+    /// Failed attempts of `writer` that started at or after `since_ms`.
+    pub fn failed_since(&self, writer: Writer, since_ms: f64) -> usize {
+        let log = self.log.lock().expect("log");
+        log.attempts.iter().filter(|a| a.writer == writer && a.outcome != Outcome::Ok && a.start_ms >= since_ms).count()
     }
 
     /// Waits until `writer` has `n` successes that started at or after `since_ms`.
