@@ -127,6 +127,11 @@ pub async fn start_with_file(config: Config, path: PathBuf) -> anyhow::Result<Ru
 }
 
 async fn start_inner(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<Running> {
+    // A Config changed in code after validation must still respect the bounds.
+    let bad = config.out_of_bounds();
+    if !bad.is_empty() {
+        anyhow::bail!("invalid configuration: {}", bad.join("; "));
+    }
     let listener = proxy::bind(config.proxy.listen, config.proxy.max_connections)
         .with_context(|| format!("bind proxy listener {}", config.proxy.listen))?;
     let admin_listener = TcpListener::bind(config.admin.listen)
@@ -459,6 +464,10 @@ impl Supervisor {
 
     /// Applies a validated config (see the module docs).
     fn apply(&mut self, new: Config) -> Result<ConfigDiff, String> {
+        let bad = new.out_of_bounds();
+        if !bad.is_empty() {
+            return Err(format!("invalid configuration: {}", bad.join("; ")));
+        }
         let password = new.health_password()?;
         let tls = health::tls_connector(new.health.sslmode, new.health.ca_file.as_deref())?;
         let diff = self.config.diff(&new);

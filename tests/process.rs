@@ -238,6 +238,8 @@ async fn sigterm_cuts_sessions_left_at_the_end_of_the_grace_period() {
         pgleader.logs.lock().unwrap().iter().filter(|v| v["target"] == "pgleader::access").cloned().collect();
     let cut = access.iter().find(|v| v["fields"]["result"] == "shutdown").expect("an access line for the cut session");
     eprintln!("the cut session's access line: {cut}");
+    assert_eq!(cut["fields"]["backend"], "db", "a session closed by the grace timer names its backend");
+    assert!(cut["fields"]["bytes_up"].as_u64().is_some_and(|b| b > 0), "and counts its bytes: {cut}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
