@@ -8,9 +8,11 @@
 //!   a watch event. One read is one read-only txn (leader key, `config`, `members/`) at a single
 //!   revision, linearizable (never serializable), then LeaseTimeToLive of the leader key's lease.
 //!   `timeout` bounds the whole attempt across endpoints: an endpoint that fails is left for the
-//!   next at once, and the one that answered is tried first next time. Each endpoint may spend
-//!   at most its share of what is left (left / endpoints not yet tried) on connecting, so one
-//!   black-holed address cannot eat the whole budget.
+//!   next at once, the round starts again after a short pause while time is left, and the one
+//!   that answered is tried first next time. Each endpoint may spend
+//!   at most its share of what is left (left / endpoints not yet tried; the last one all of it),
+//!   so one frozen member that accepts connections and never answers cannot eat the budget of
+//!   every read. A member without a raft leader answers "no leader" at once (require-leader).
 //! - **the watch** of the leader key, from the revision after the latest successful read's, with
 //!   require-leader semantics (see `etcd/gateway.rs`). Each event is reported at once and wakes
 //!   the reader. A watch that cannot be opened, fails, is cancelled (no leader, compacted start
@@ -32,7 +34,8 @@
 //!
 //! Auth: with `username`/`password` the task authenticates (`/v3/auth/authenticate`) and sends
 //! the token on every request; when etcd calls it invalid or stale it authenticates again once
-//! and retries. The password is never part of a message or log.
+//! and retries. When etcd refuses the credentials, that answer stands for 5 s without asking
+//! again (each check costs etcd a bcrypt). The password is never part of a message or log.
 
 mod decode;
 mod gateway;
@@ -208,6 +211,9 @@ struct ReadMark {
 
 /// The pause between reads never goes below this, whatever the settings say.
 const MIN_PAUSE: Duration = Duration::from_millis(10);
+/// Within one read, the first pause before going round the endpoints again (doubling, at most
+/// four times this): about a raft election on a LAN.
+const ROUND_PAUSE: Duration = Duration::from_millis(25);
 
 impl EtcdWatcher {
     /// Runs until `cancel` fires or `reports` is closed. Cancel safe. With settings that cannot
@@ -273,7 +279,17 @@ struct Client {
     credentials: Option<(String, Secret)>,
     /// The current auth token, if any; never held across an await.
     token: Mutex<Option<Arc<str>>>,
+    /// After etcd refused the credentials: its answer, repeated without asking again until then.
+    refused: Mutex<Option<(Instant, String)>>,
 }
+
+/// How long a refusal of the credentials is reused. etcd checks a password with bcrypt (tens of
+/// milliseconds of its CPU), and the same wrong password cannot start to work by itself, so
+/// pgleader asks at most this often, not once per endpoint, round and read.
+const AUTH_BACKOFF: Duration = Duration::from_secs(5);
+/// Authenticating (a bcrypt check and a raft write on etcd) has this bound of its own, apart
+/// from `timeout`: it comes before a read, whose `read_start` is taken after it.
+const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Client {
     fn new(s: &EtcdSettings) -> Result<Client, String> {
@@ -298,11 +314,17 @@ impl Client {
             timeout: s.timeout,
             credentials,
             token: Mutex::new(None),
+            refused: Mutex::new(None),
         })
     }
 
     fn current_token(&self) -> Option<Arc<str>> {
         self.token.lock().map(|t| t.clone()).unwrap_or(None)
+    }
+
+    /// Credentials are configured and there is no token yet.
+    fn needs_token(&self) -> bool {
+        self.credentials.is_some() && self.current_token().is_none()
     }
 
     /// Forgets `stale` unless another loop has already replaced it.
@@ -314,36 +336,69 @@ impl Client {
         }
     }
 
-    /// The token to send: none without credentials; authenticates on `conn` when there is none.
-    async fn token(&self, conn: &mut Conn, ep: &Endpoint) -> Result<Option<Arc<str>>, CallError> {
-        let Some((user, password)) = &self.credentials else { return Ok(None) };
-        if let Some(t) = self.current_token() {
-            return Ok(Some(t));
+    /// Authenticates on `conn` and keeps the token. A refusal of the credentials is kept for
+    /// [`AUTH_BACKOFF`] and answered from memory meanwhile.
+    async fn authenticate(&self, conn: &mut Conn, ep: &Endpoint) -> Result<(), Refusal> {
+        let Some((user, password)) = &self.credentials else { return Ok(()) };
+        let refused = self.refused.lock().ok().and_then(|r| r.clone());
+        if let Some((until, message)) = refused.filter(|(until, _)| Instant::now() < *until) {
+            let wait = until.saturating_duration_since(Instant::now());
+            return Err(Refusal::Final(format!("{message} (not asked again for another {wait:.1?})")));
         }
         let body = decode::auth_body(user, password.expose());
-        let answer = conn.call(ep, "/v3/auth/authenticate", body, None).await?;
-        let token: Arc<str> = decode_token(&answer).map_err(CallError::Transport)?.into();
+        let answer = match conn.call(ep, "/v3/auth/authenticate", body, None).await {
+            Ok(answer) => answer,
+            Err(CallError::Etcd { message }) if message.contains("authentication failed") => {
+                let message = format!("etcd refused the credentials of user `{user}`: {message}");
+                if let Ok(mut r) = self.refused.lock() {
+                    *r = Some((Instant::now() + AUTH_BACKOFF, message.clone()));
+                }
+                return Err(Refusal::Final(message));
+            }
+            Err(e) => return Err(Refusal::Failed(e.text())),
+        };
+        let token: Arc<str> = decode_token(&answer).map_err(Refusal::Failed)?.into();
         if let Ok(mut t) = self.token.lock() {
-            *t = Some(Arc::clone(&token));
+            *t = Some(token);
         }
-        Ok(Some(token))
+        Ok(())
     }
 
-    /// One unary call with the token; authenticates again once when etcd rejects the token.
-    async fn call(&self, conn: &mut Conn, ep: &Endpoint, path: &str, body: Vec<u8>) -> Result<Bytes, CallError> {
-        let mut renewed = false;
-        loop {
-            let token = self.token(conn, ep).await?;
-            match conn.call(ep, path, body.clone(), token.as_deref()).await {
-                Err(e) if e.wants_new_token() && token.is_some() && !renewed => {
-                    if let Some(t) = &token {
-                        self.forget_token(t);
-                    }
-                    renewed = true;
+    /// One unary call with the current token. A token etcd calls invalid or stale is forgotten
+    /// and the call fails with [`ReadError::StaleToken`].
+    async fn call(&self, conn: &mut Conn, ep: &Endpoint, path: &str, body: Vec<u8>) -> Result<Bytes, ReadError> {
+        let token = self.current_token();
+        match conn.call(ep, path, body, token.as_deref()).await {
+            Err(e) if e.wants_new_token() && self.credentials.is_some() => {
+                if let Some(t) = &token {
+                    self.forget_token(t);
                 }
-                other => return other,
+                Err(ReadError::StaleToken(e.text()))
             }
+            Err(e) => Err(ReadError::Failed(e.text())),
+            Ok(answer) => Ok(answer),
         }
+    }
+}
+
+/// Why authenticating did not work.
+enum Refusal {
+    /// etcd refused the credentials: no other endpoint will take them either.
+    Final(String),
+    /// This endpoint could not be asked (connection, no leader, ...).
+    Failed(String),
+}
+
+/// Why a read on one endpoint did not work.
+enum ReadError {
+    /// etcd rejected the token: authenticate again, then read.
+    StaleToken(String),
+    Failed(String),
+}
+
+impl From<String> for ReadError {
+    fn from(s: String) -> ReadError {
+        ReadError::Failed(s)
     }
 }
 
@@ -401,65 +456,124 @@ impl ReadLoop {
         }
     }
 
-    /// One read attempt across the endpoints, the preferred one first, within `timeout`; the
-    /// read and the index of the endpoint that answered.
+    /// One read: a token first if one is needed, then [`ReadLoop::rounds`]; when etcd calls the
+    /// token stale, once more with a new one. The read and the endpoint that answered.
     async fn read(&mut self) -> Result<(EtcdRead, usize), String> {
+        let mut renewed = false;
+        loop {
+            if self.client.needs_token() {
+                self.authenticate().await?;
+            }
+            match self.rounds().await {
+                Ok(read) => return Ok(read),
+                Err(ReadError::StaleToken(_)) if !renewed => renewed = true,
+                Err(ReadError::StaleToken(e)) => return Err(format!("etcd rejected a new auth token too: {e}")),
+                Err(ReadError::Failed(e)) => return Err(e),
+            }
+        }
+    }
+
+    /// Connection `i`, kept alive or made anew.
+    async fn conn(&mut self, i: usize) -> Result<&mut Conn, String> {
+        if !self.conns[i].as_ref().is_some_and(Conn::is_open) {
+            self.conns[i] = Some(self.client.transport.connect(&self.client.endpoints[i]).await?);
+        }
+        self.conns[i].as_mut().ok_or_else(|| "no connection".to_owned())
+    }
+
+    /// Gets a token: the endpoints in turn, within [`AUTH_TIMEOUT`].
+    async fn authenticate(&mut self) -> Result<(), String> {
         let client = Arc::clone(&self.client);
         let n = client.endpoints.len();
-        let deadline = Instant::now() + client.timeout;
+        let deadline = Instant::now() + AUTH_TIMEOUT.max(client.timeout);
         let mut failures = Vec::new();
         for k in 0..n {
             let i = (self.preferred + k) % n;
-            let url = &client.endpoints[i].url;
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                failures.push(format!("{url}: not tried (no time left)"));
-                continue;
-            }
-            let connect_budget = left / u32::try_from(n - k).unwrap_or(u32::MAX);
-            match timeout(left, self.read_from(i, connect_budget)).await {
-                Ok(Ok(read)) => {
-                    if i != self.preferred {
-                        tracing::info!(endpoint = %url, "etcd reads now go to this endpoint");
-                        self.preferred = i;
-                    }
-                    return Ok((read, i));
-                }
-                Ok(Err(e)) => failures.push(format!("{url}: {e}")),
-                Err(_) => failures.push(format!("{url}: no answer within the {left:?} left")),
+            let share = left / u32::try_from(n - k).unwrap_or(u32::MAX);
+            let attempt = timeout(share, async {
+                let conn = self.conn(i).await.map_err(Refusal::Failed)?;
+                client.authenticate(conn, &client.endpoints[i]).await
+            });
+            let url = &client.endpoints[i].url;
+            match attempt.await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(Refusal::Final(e))) => return Err(e),
+                Ok(Err(Refusal::Failed(e))) => failures.push(format!("{url}: {e}")),
+                Err(_) => failures.push(format!("{url}: no answer within {share:?}")),
             }
             self.conns[i] = None;
         }
-        Err(format!(
-            "no etcd endpoint answered a linearizable read within {:?}: {}",
+        Err(format!("cannot authenticate to etcd: {}", failures.join("; ")))
+    }
+
+    /// Within `timeout`: the endpoints in turn, the preferred one first, and again round them
+    /// after a short pause while time is left. Fast failures are common and brief: while a
+    /// stopping etcd leader hands its leadership over, every member answers "no leader"
+    /// (require-leader) for a moment.
+    async fn rounds(&mut self) -> Result<(EtcdRead, usize), ReadError> {
+        let client = Arc::clone(&self.client);
+        let n = client.endpoints.len();
+        let deadline = Instant::now() + client.timeout;
+        let mut last_error: Vec<Option<String>> = vec![None; n];
+        let mut pause = ROUND_PAUSE;
+        let mut rounds = 0;
+        loop {
+            rounds += 1;
+            for k in 0..n {
+                let i = (self.preferred + k) % n;
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                let share = left / u32::try_from(n - k).unwrap_or(u32::MAX);
+                match timeout(share, self.read_from(i)).await {
+                    Ok(Ok(read)) => {
+                        if i != self.preferred {
+                            tracing::info!(endpoint = %client.endpoints[i].url, "etcd reads now go to this endpoint");
+                            self.preferred = i;
+                        }
+                        return Ok((read, i));
+                    }
+                    Ok(Err(ReadError::StaleToken(e))) => return Err(ReadError::StaleToken(e)),
+                    Ok(Err(ReadError::Failed(e))) => last_error[i] = Some(e),
+                    // A short share in a later round says less than an earlier answer.
+                    Err(_) if last_error[i].is_some() => {}
+                    Err(_) => last_error[i] = Some(format!("no answer within its {share:?} share of the budget")),
+                }
+                self.conns[i] = None;
+            }
+            if deadline.saturating_duration_since(Instant::now()) <= pause {
+                break;
+            }
+            sleep(pause).await;
+            pause = (pause * 2).min(ROUND_PAUSE * 4);
+        }
+        let failures: Vec<String> = client
+            .endpoints
+            .iter()
+            .zip(last_error)
+            .map(|(ep, e)| format!("{}: {}", ep.url, e.unwrap_or_else(|| "not tried (no time left)".to_owned())))
+            .collect();
+        let tries = if rounds > 1 { format!(" ({rounds} rounds)") } else { String::new() };
+        Err(ReadError::Failed(format!(
+            "no etcd endpoint answered a linearizable read within {:?}{tries}: {}",
             client.timeout,
             failures.join("; ")
-        ))
+        )))
     }
 
     /// The read on endpoint `i`. Not cancel safe as to its connection (the caller drops it).
-    async fn read_from(&mut self, i: usize, connect_budget: Duration) -> Result<EtcdRead, String> {
+    async fn read_from(&mut self, i: usize) -> Result<EtcdRead, ReadError> {
         let client = Arc::clone(&self.client);
         let ep = &client.endpoints[i];
-        let conn = match &mut self.conns[i] {
-            Some(c) if c.is_open() => c,
-            slot => {
-                let fresh = timeout(connect_budget, client.transport.connect(ep))
-                    .await
-                    .map_err(|_| format!("cannot connect within {connect_budget:?}"))??;
-                slot.insert(fresh)
-            }
-        };
-        client.token(conn, ep).await.map_err(|e| e.text())?;
+        let conn = self.conn(i).await?;
         let read_start = Instant::now();
-        let answer = client.call(conn, ep, "/v3/kv/txn", decode::txn_body(&client.keys)).await.map_err(|e| e.text())?;
+        let answer = client.call(conn, ep, "/v3/kv/txn", decode::txn_body(&client.keys)).await?;
         let snapshot = decode_txn(&client.keys, &answer)?;
         let mut leader = snapshot.leader;
         if let Some(l) = leader.as_mut().filter(|l| l.lease_id != 0) {
-            let answer = client
-                .call(conn, ep, "/v3/lease/timetolive", decode::lease_body(l.lease_id))
-                .await
-                .map_err(|e| e.text())?;
+            let answer = client.call(conn, ep, "/v3/lease/timetolive", decode::lease_body(l.lease_id)).await?;
             l.lease_remaining = decode_lease(&answer)?;
         }
         Ok(EtcdRead {
@@ -533,9 +647,10 @@ impl WatchLoop {
             if left.is_zero() {
                 break;
             }
+            let share = left / u32::try_from(n - k).unwrap_or(u32::MAX);
             let attempt = tokio::select! {
                 () = self.stop.cancelled() => return None,
-                r = timeout(left, self.open(i, mark.revision.saturating_add(1))) => r,
+                r = timeout(share, self.open(i, mark.revision.saturating_add(1))) => r,
             };
             match attempt {
                 Ok(Ok(lines)) => {
@@ -543,7 +658,7 @@ impl WatchLoop {
                     break;
                 }
                 Ok(Err(e)) => failures.push(format!("{url}: {e}")),
-                Err(_) => failures.push(format!("{url}: no answer within the {left:?} left")),
+                Err(_) => failures.push(format!("{url}: no answer within its {share:?} share of the budget")),
             }
         }
         let Some((url, mut lines)) = opened else {
@@ -585,8 +700,9 @@ impl WatchLoop {
     async fn open(&self, i: usize, start_revision: i64) -> Result<Lines, String> {
         let client = &self.client;
         let ep = &client.endpoints[i];
-        let mut conn = client.transport.connect(ep).await?;
-        let token = client.token(&mut conn, ep).await.map_err(|e| e.text())?;
+        let conn = client.transport.connect(ep).await?;
+        // The reader authenticated before the read this watch starts after.
+        let token = client.current_token();
         let body = decode::watch_body(&client.keys.leader, start_revision);
         conn.stream(ep, "/v3/watch", body, token.as_deref()).await.map_err(|e| e.text())
     }

@@ -9,6 +9,7 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod etcd;
 pub mod patroni;
 pub mod pg;
 pub mod proxy;
