@@ -46,7 +46,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch, Notify};
-use tokio::time::{sleep, timeout, Instant};
+use tokio::time::{sleep, sleep_until, timeout, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Secret;
@@ -247,7 +247,12 @@ impl EtcdWatcher {
             conns,
             preferred: 0,
             reports: reports.clone(),
+            seen: {
+                let table = routing.borrow();
+                (table.leader.is_some(), table.epoch)
+            },
             routing,
+            routing_open: true,
             trigger: Arc::clone(&trigger),
             marks: marks_tx,
             stop: stop.clone(),
@@ -412,6 +417,10 @@ struct ReadLoop {
     preferred: usize,
     reports: mpsc::Sender<EtcdReport>,
     routing: watch::Receiver<Arc<RoutingTable>>,
+    /// False once the routing table's sender is gone (then only the timer paces).
+    routing_open: bool,
+    /// The table as this loop last saw it: (has a leader, epoch).
+    seen: (bool, u64),
     /// Poked by the watch loop: read now.
     trigger: Arc<Notify>,
     /// Each successful read, for the watch loop.
@@ -443,17 +452,47 @@ impl ReadLoop {
             if !send(&self.reports, &self.stop, report).await {
                 return;
             }
-            let has_leader = self.routing.borrow().leader.is_some();
-            let s = &self.settings;
-            let pause = if has_leader { s.interval } else { s.fast_interval.min(s.interval) }.max(MIN_PAUSE);
-            tokio::select! {
-                () = self.stop.cancelled() => return,
-                () = sleep(pause) => {}
-                () = self.trigger.notified() => {}
-                // A leader just disappeared: read fast at once.
-                Ok(_) = self.routing.wait_for(|t| t.leader.is_none()), if has_leader => {}
+            if !self.pause().await {
+                return;
             }
         }
+    }
+
+    /// Waits `interval` (`fast_interval` while the table has no leader), or until a watch event
+    /// asks for a read, or until the table loses its leader; `false` when stopped. "Loses" is
+    /// judged against what this loop saw last, by leader and epoch (which moves on every leader
+    /// change), so a leader that came and went while a read was in flight, coalesced by the
+    /// watch channel, still brings the fast read.
+    async fn pause(&mut self) -> bool {
+        if self.observe_loss() {
+            return true;
+        }
+        let s = &self.settings;
+        let pause = if self.seen.0 { s.interval } else { s.fast_interval.min(s.interval) };
+        let until = Instant::now() + pause.max(MIN_PAUSE);
+        loop {
+            tokio::select! {
+                () = self.stop.cancelled() => return false,
+                () = sleep_until(until) => return true,
+                () = self.trigger.notified() => return true,
+                changed = self.routing.changed(), if self.routing_open => {
+                    if changed.is_err() {
+                        self.routing_open = false;
+                    } else if self.observe_loss() {
+                        return true;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes in the current table: whether a leader was lost since the last look.
+    fn observe_loss(&mut self) -> bool {
+        let (had_leader, epoch) = self.seen;
+        let table = self.routing.borrow_and_update();
+        let has_leader = table.leader.is_some();
+        self.seen = (has_leader, table.epoch);
+        !has_leader && (had_leader || table.epoch != epoch)
     }
 
     /// One read: a token first if one is needed, then [`ReadLoop::rounds`]; when etcd calls the

@@ -20,7 +20,7 @@ use std::time::Duration;
 use common::etcd::EtcdCluster;
 use common::eventually;
 use pgleader::config::Secret;
-use pgleader::topology::RoutingTable;
+use pgleader::topology::{BackendId, RoutingTable};
 use pgleader::{EtcdRead, EtcdReport, EtcdSettings, EtcdWatcher, WatchEvent};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -81,8 +81,8 @@ struct Task {
     rx: mpsc::Receiver<EtcdReport>,
     cancel: CancellationToken,
     handle: tokio::task::JoinHandle<()>,
-    /// Kept so the routing table stays "no leader" (the fast pace) for the whole test.
-    _routing: watch::Sender<Arc<RoutingTable>>,
+    /// The routing table the task paces itself by ("no leader" unless a test sets one).
+    routing: watch::Sender<Arc<RoutingTable>>,
     started: Instant,
     seen: Vec<EtcdReport>,
 }
@@ -93,7 +93,7 @@ impl Task {
         let (routing_tx, routing) = watch::channel(Arc::new(RoutingTable::initial()));
         let cancel = CancellationToken::new();
         let handle = tokio::spawn(EtcdWatcher { settings, reports: tx, routing, cancel: cancel.clone() }.run());
-        Task { rx, cancel, handle, _routing: routing_tx, started: Instant::now(), seen: Vec::new() }
+        Task { rx, cancel, handle, routing: routing_tx, started: Instant::now(), seen: Vec::new() }
     }
 
     async fn next(&mut self) -> EtcdReport {
@@ -170,6 +170,33 @@ async fn a_read_sees_every_key_at_one_revision_with_the_lease_ttl() {
         ]
     );
     assert_eq!(read.members[0].role.as_deref(), Some("primary"));
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_disappears_from_the_routing_table_brings_a_read_at_once() {
+    let _serial = SERIAL.lock().await;
+    let c = block_in_place(|| EtcdCluster::start(3));
+    write_scope(&c);
+    let mut t = Task::spawn(settings(c.endpoints()));
+    t.read().await;
+    // Published as the elector does: the epoch moves with every change of leader. Both
+    // intervals are an hour, so each read below can only come from a leader going away.
+    let mut epoch = 0;
+    let mut publish = |t: &Task, leader| {
+        epoch += 1;
+        t.routing.send_replace(Arc::new(RoutingTable { leader, epoch, ..RoutingTable::initial() }));
+    };
+    publish(&t, Some(BackendId(0)));
+    let gone = Instant::now();
+    publish(&t, None);
+    t.read().await;
+    eprintln!("read {} after the leader disappeared", ms(gone.elapsed()));
+    // A leader that comes and goes at once, both coalesced into one change of the channel.
+    publish(&t, Some(BackendId(0)));
+    publish(&t, None);
+    t.read().await;
+    assert_eq!(t.seen.len(), 3, "{:#?}", t.seen);
     t.stop().await;
 }
 

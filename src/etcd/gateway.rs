@@ -386,6 +386,82 @@ mod tests {
         assert!(!e.contains("secret") && e.contains("http://***@h:1"), "{e}");
     }
 
+    /// A peer that answers every connection with `reply` (then keeps the connection open for a
+    /// moment): a hostile or broken "etcd".
+    async fn peer(reply: Vec<u8>) -> Endpoint {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let reply = reply.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = s.read(&mut buf).await;
+                    let _ = s.write_all(&reply).await;
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                });
+            }
+        });
+        Endpoint::parse(&format!("http://{addr}")).unwrap()
+    }
+
+    fn plain() -> Transport {
+        Transport { tls: None }
+    }
+
+    fn ok_head(extra: &str) -> Vec<u8> {
+        format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n{extra}\r\n").into_bytes()
+    }
+
+    #[tokio::test]
+    async fn an_answer_over_the_limit_is_refused() {
+        let mut reply = ok_head(&format!("Content-Length: {}\r\n", ANSWER_LIMIT + 1));
+        reply.resize(reply.len() + ANSWER_LIMIT + 1, b'x');
+        let ep = peer(reply).await;
+        let mut conn = plain().connect(&ep).await.unwrap();
+        match conn.call(&ep, "/v3/kv/txn", b"{}".to_vec(), None).await {
+            Err(CallError::Transport(e)) => assert!(e.contains("length limit exceeded"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn non_http_and_non_etcd_answers_are_errors() {
+        let ep = peer(b"SSH-2.0-OpenSSH_9.2\r\n".to_vec()).await;
+        let mut conn = plain().connect(&ep).await.unwrap();
+        assert!(matches!(conn.call(&ep, "/v3/kv/txn", b"{}".to_vec(), None).await, Err(CallError::Transport(_))));
+
+        let ep = peer(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 5\r\n\r\noops!".to_vec()).await;
+        let mut conn = plain().connect(&ep).await.unwrap();
+        match conn.call(&ep, "/v3/kv/txn", b"{}".to_vec(), None).await {
+            Err(CallError::Transport(e)) => assert_eq!(e, "HTTP 502 Bad Gateway from the gateway: oops!"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_watch_line_over_the_limit_ends_the_stream() {
+        let mut reply = ok_head("Transfer-Encoding: chunked\r\n");
+        let mut chunk = |data: &[u8]| {
+            reply.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+            reply.extend_from_slice(data);
+            reply.extend_from_slice(b"\r\n");
+        };
+        let created = b"{\"result\":{\"created\":true}}";
+        chunk(&[&created[..], b"\n"].concat());
+        // Then a line without end.
+        for _ in 0..=WATCH_LINE_LIMIT / 65536 + 1 {
+            chunk(&[b'x'; 65536]);
+        }
+        let ep = peer(reply).await;
+        let conn = plain().connect(&ep).await.unwrap();
+        let mut lines = conn.stream(&ep, "/v3/watch", b"{}".to_vec(), None).await.unwrap();
+        assert_eq!(lines.next().await.unwrap().as_deref(), Some(&created[..]));
+        let e = lines.next().await.unwrap_err();
+        assert!(e.contains("over 1048576 bytes"), "{e}");
+    }
+
     #[test]
     fn token_errors_are_recognised() {
         let etcd = |m: &str| CallError::Etcd { message: m.to_owned() };
