@@ -22,6 +22,7 @@ pub mod topology;
 
 mod admin;
 mod elector;
+mod etcd;
 mod health;
 mod metrics;
 mod proxy;
@@ -30,3 +31,8 @@ mod task;
 
 pub use app::{start, Running};
 pub use config::Config;
+/// The etcd reader's task and what it reports, public so that `tests/etcd.rs` can drive it
+/// against a real etcd; `app` is its only caller inside the crate.
+pub use etcd::{
+    normalise_prefix, DynamicConfig, EtcdRead, EtcdReport, EtcdSettings, EtcdWatcher, LeaderKey, MemberInfo, WatchEvent,
+};
