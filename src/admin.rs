@@ -407,10 +407,12 @@ mod tests {
             id: BackendId(0),
             name: "a".into(),
             address: "127.0.0.1:5432".into(),
+            member: "a".into(),
+            verify_conn_url: true,
             state: BackendState::default().observe(&Observation::Checked(probe), now),
         }];
-        let policy = Policy { rise: 1, fall: 3, stale_after: Duration::from_secs(10) };
-        decide(&RoutingTable::initial(), &backends, &policy, now)
+        let policy = Policy { rise: 1, fall: 3, stale_after: Duration::from_secs(10), fence: None };
+        decide(&RoutingTable::initial(), &backends, None, &policy, now)
     }
 
     fn body(rsp: Response<Full<Bytes>>) -> (StatusCode, String) {

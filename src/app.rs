@@ -4,7 +4,11 @@
 //! Startup: bind the proxy and admin listeners first (fail fast), then spawn one health checker per
 //! backend, the elector, the admin server and the accept loop.
 //!
-//! Supervision: health checkers run under [`task::restart_on_failure`] (a checker that panics is
+//! Fencing (`[etcd]`): one etcd reader task ([`EtcdWatcher`]) reports what it reads; `app`
+//! turns each report into a [`LeaseEvent`] for the elector (and times the reads). A reload that
+//! changes `[etcd]` restarts the reader and starts the etcd view afresh.
+//!
+//! Supervision: health checkers and the etcd reader run under [`task::restart_on_failure`] (a task that panics is
 //! restarted with backoff, logged at ERROR and counted); the end of the elector, the admin server
 //! or the accept loop is fatal: pgleader drains and exits non-zero so the orchestrator restarts
 //! it, rather than run on with a frozen routing table or no listener.
@@ -37,12 +41,14 @@ use tokio_util::task::TaskTracker;
 use crate::admin::{Admin, AdminReload, AdminState};
 use crate::config::{Config, ConfigDiff};
 use crate::elector::{Elector, Member, Membership};
+use crate::etcd::{EtcdReport, EtcdSettings, EtcdWatcher, WatchEvent};
 use crate::health::{self, CheckSettings, Checker};
 use crate::metrics::Metrics;
 use crate::proxy::{self, Proxy, ProxySettings, Sessions, Shared};
 use crate::signals::{SignalEvent, Signals};
 use crate::task;
-use crate::topology::{BackendId, Observation, Policy, Report, RoutingTable, Source};
+use crate::topology::lease::{LeaderLease, LeaseEvent, LeaseRead, MemberEntry, PatroniConfig};
+use crate::topology::{BackendId, FenceMode, FencePolicy, Observation, Policy, Report, RoutingTable, Source};
 
 /// A running pgleader. Dropping it does not stop it; call [`Running::shutdown`].
 pub struct Running {
@@ -161,10 +167,11 @@ async fn start_inner(config: Config, config_path: Option<PathBuf>) -> anyhow::Re
         .backend
         .iter()
         .zip(0..)
-        .map(|(b, i)| Member::new(BackendId(i), &b.name, &b.address.to_string()))
+        .map(|(b, i)| Member::new(BackendId(i), &b.name, &b.address.to_string(), b.member(), b.verify_conn_url))
         .collect();
     let (membership_tx, membership_rx) =
-        watch::channel(Arc::new(Membership { members: members.clone(), policy: policy(&config) }));
+        watch::channel(Arc::new(Membership { members: members.clone(), policy: policy(&config), etcd_generation: 0 }));
+    let (lease_tx, lease_rx) = mpsc::channel::<LeaseEvent>(64);
     let mut sup = Supervisor {
         config: config.clone(),
         config_path,
@@ -183,11 +190,15 @@ async fn start_inner(config: Config, config_path: Option<PathBuf>) -> anyhow::Re
         metrics: Arc::clone(&metrics),
         background: background.clone(),
         config_generation: Arc::clone(&config_generation),
+        lease_tx,
+        etcd: None,
+        etcd_generation: 0,
     };
     for m in &members {
         sup.spawn_checker(m);
     }
-    let elector = Elector::new(membership_rx, reports_rx, table_tx, Arc::clone(&metrics), background.clone());
+    sup.start_etcd().map_err(anyhow::Error::msg).context("set up the etcd reader")?;
+    let elector = Elector::new(membership_rx, reports_rx, lease_rx, table_tx, Arc::clone(&metrics), background.clone());
     sup.tasks.spawn(async move {
         elector.run().await;
         "elector"
@@ -278,7 +289,64 @@ fn policy(config: &Config) -> Policy {
     // A checker reports at least every interval + timeout; allow a few missed beats. Saturating:
     // config validation bounds these, and arithmetic on them must not panic regardless.
     let stale_after = h.interval.saturating_add(h.timeout).saturating_mul(h.fall.saturating_add(2));
-    Policy { rise: h.rise, fall: h.fall, stale_after }
+    let fence = config.etcd.as_ref().map(|e| FencePolicy {
+        mode: match e.mode {
+            crate::config::EtcdMode::Enforce => FenceMode::Enforce,
+            crate::config::EtcdMode::Observe => FenceMode::Observe,
+        },
+        max_staleness: e.max_staleness,
+    });
+    Policy { rise: h.rise, fall: h.fall, stale_after, fence }
+}
+
+/// The etcd reader's settings from `[etcd]` and `[health]`'s pace.
+///
+/// # Errors
+/// The etcd password cannot be read.
+fn etcd_settings(config: &Config) -> Result<Option<EtcdSettings>, String> {
+    let Some(e) = &config.etcd else { return Ok(None) };
+    Ok(Some(EtcdSettings {
+        endpoints: e.endpoints.clone(),
+        namespace: e.namespace.clone(),
+        scope: e.scope.clone(),
+        timeout: e.timeout,
+        interval: config.health.interval,
+        fast_interval: config.health.fast_interval.min(config.health.interval),
+        username: e.username.clone(),
+        password: e.password()?,
+        ca_file: e.ca_file.clone(),
+        cert_file: e.cert_file.clone(),
+        key_file: e.key_file.clone(),
+    }))
+}
+
+/// What the elector needs of an etcd report (topology's own types); times successful reads.
+fn lease_event(report: EtcdReport, metrics: &Metrics) -> LeaseEvent {
+    match report {
+        EtcdReport::Read(r) => {
+            metrics.etcd_read_duration.observe(r.duration.as_secs_f64());
+            LeaseEvent::Read(LeaseRead {
+                read_start: r.read_start.into_std(),
+                revision: r.revision,
+                endpoint: r.endpoint,
+                leader: r.leader.map(|l| LeaderLease { member: l.member, remaining: l.lease_remaining }),
+                patroni: r.config.map(|c| PatroniConfig {
+                    ttl: c.ttl,
+                    loop_wait: c.loop_wait,
+                    retry_timeout: c.retry_timeout,
+                    failsafe_mode: c.failsafe_mode,
+                    pause: c.pause,
+                }),
+                members: r.members.into_iter().map(|m| MemberEntry { name: m.name, conn_url: m.conn_url }).collect(),
+            })
+        }
+        EtcdReport::ReadFailed { read_start, error } => LeaseEvent::ReadFailed { at: read_start.into_std(), error },
+        EtcdReport::Watch(WatchEvent::Put { revision, member }) => {
+            LeaseEvent::Changed { revision, member: Some(member) }
+        }
+        EtcdReport::Watch(WatchEvent::Delete { revision }) => LeaseEvent::Changed { revision, member: None },
+        EtcdReport::Watch(WatchEvent::Ended { reason }) => LeaseEvent::WatchEnded { reason },
+    }
 }
 
 /// The drain's handles.
@@ -316,13 +384,69 @@ struct Supervisor {
     /// Stops checkers, the elector and the admin server: the drain's last step.
     background: CancellationToken,
     config_generation: Arc<AtomicU64>,
+    /// To the elector: what the etcd reader saw.
+    lease_tx: mpsc::Sender<LeaseEvent>,
+    /// The running etcd reader's stop token and the `[etcd]` it runs with.
+    etcd: Option<(CancellationToken, crate::config::EtcdConfig)>,
+    etcd_generation: u64,
 }
 
 impl Supervisor {
     /// A member with an id never used before.
-    fn new_member(&mut self, name: &str, address: &str) -> Member {
+    fn new_member(&mut self, name: &str, address: &str, member: &str, verify_conn_url: bool) -> Member {
         self.next_id += 1;
-        Member::new(BackendId(self.next_id - 1), name, address)
+        Member::new(BackendId(self.next_id - 1), name, address, member, verify_conn_url)
+    }
+
+    /// Starts the etcd reader for the current `[etcd]` (stopping the previous one), or stops it
+    /// when the section is gone. Its reports reach the elector through `lease_event`.
+    ///
+    /// # Errors
+    /// The etcd settings are not usable (an unreadable password, TLS file or a bad endpoint).
+    fn start_etcd(&mut self) -> Result<(), String> {
+        let settings = etcd_settings(&self.config)?;
+        if let Some(s) = &settings {
+            s.validate()?;
+        }
+        if let Some((token, _)) = self.etcd.take() {
+            token.cancel();
+        }
+        let members: Vec<String> = self.members.iter().map(|m| m.member.clone()).collect();
+        self.metrics.set_etcd_enabled(settings.is_some(), &members);
+        let (Some(settings), Some(section)) = (settings, self.config.etcd.clone()) else { return Ok(()) };
+        let cancel = self.background.child_token();
+        self.etcd = Some((cancel.clone(), section.clone()));
+        let (reports_tx, mut reports_rx) = mpsc::channel::<EtcdReport>(64);
+        let (lease_tx, metrics, stop) = (self.lease_tx.clone(), Arc::clone(&self.metrics), cancel.clone());
+        tokio::spawn(async move {
+            loop {
+                let report = tokio::select! {
+                    () = stop.cancelled() => return,
+                    r = reports_rx.recv() => match r { Some(r) => r, None => return },
+                };
+                if lease_tx.send(lease_event(report, &metrics)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let (routing, metrics) = (self.table_rx.clone(), Arc::clone(&self.metrics));
+        tokio::spawn(task::restart_on_failure(
+            "etcd_reader",
+            section.scope.clone(),
+            metrics,
+            cancel.clone(),
+            move || {
+                let watcher = EtcdWatcher {
+                    settings: settings.clone(),
+                    reports: reports_tx.clone(),
+                    routing: routing.clone(),
+                    cancel: cancel.child_token(),
+                };
+                watcher.run()
+            },
+            |_| {},
+        ));
+        Ok(())
     }
 
     fn spawn_checker(&mut self, member: &Member) {
@@ -470,6 +594,9 @@ impl Supervisor {
         }
         let password = new.health_password()?;
         let tls = health::tls_connector(new.health.sslmode, new.health.ca_file.as_deref())?;
+        if let Some(etcd) = etcd_settings(&new)? {
+            etcd.validate()?;
+        }
         let diff = self.config.diff(&new);
         for key in &diff.restart_required {
             tracing::warn!(key, "changed in the config file but needs a restart; keeping the running value");
@@ -488,7 +615,9 @@ impl Supervisor {
         for b in &self.config.backend.clone() {
             let address = b.address.to_string();
             let kept = self.members.iter().find(|m| m.name == b.name && m.address == address).cloned();
-            members.push(kept.unwrap_or_else(|| self.new_member(&b.name, &address)));
+            let mut member = kept.unwrap_or_else(|| self.new_member(&b.name, &address, b.member(), b.verify_conn_url));
+            (member.member, member.verify_conn_url) = (b.member().to_owned(), b.verify_conn_url);
+            members.push(member);
         }
         let removed: Vec<Member> =
             self.members.iter().filter(|m| !members.iter().any(|n| n.id == m.id)).cloned().collect();
@@ -515,7 +644,17 @@ impl Supervisor {
         for m in &restart {
             self.spawn_checker(m);
         }
-        self.membership_tx.send_replace(Arc::new(Membership { members, policy: policy(&self.config) }));
+        if self.etcd.as_ref().map(|(_, e)| e) != self.config.etcd.as_ref() || health_changed {
+            // Another cluster, other endpoints or another pace: a new reader, a fresh view.
+            self.start_etcd()?;
+            self.etcd_generation += 1;
+        }
+        let etcd_generation = self.etcd_generation;
+        self.membership_tx.send_replace(Arc::new(Membership {
+            members,
+            policy: policy(&self.config),
+            etcd_generation,
+        }));
 
         self.settings_tx.send_replace(Arc::new(proxy_settings(&self.config)));
         self.resize_limit(self.config.proxy.max_connections);

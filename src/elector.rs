@@ -4,6 +4,11 @@
 //! Publication uses `watch::Sender::send_if_modified`: the new table is always stored (so
 //! `/status` sees fresh counters), but receivers are woken only when something they act on
 //! changed ([`RoutingTable::routing_differs`]) — sessions are not woken by every health check.
+//!
+//! With fencing, what the etcd watcher sees arrives as [`LeaseEvent`]s, folded into the
+//! [`LeaseView`] that `decide` takes as one more input; the elector also wakes by itself at the
+//! instant the table's earliest confirmation ends ([`RoutingTable::next_expiry`]), so a lapsed
+//! lease takes effect on time without waiting for a check or a tick.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,8 +19,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
+use crate::task::sleep_until_some;
+use crate::topology::lease::{LeaseEvent, LeaseView};
 use crate::topology::{
-    self, Backend, BackendId, BackendState, LeaderChange, Policy, Report, Role, RoutingTable, Source, HISTORY_LEN,
+    self, Backend, BackendId, BackendState, FenceMode, LeaderChange, Policy, Report, Role, RoutingTable, Source,
+    HISTORY_LEN,
 };
 
 /// One backend the elector knows.
@@ -24,13 +32,23 @@ pub struct Member {
     pub id: BackendId,
     pub name: String,
     pub address: String,
+    /// Patroni's member name (fencing).
+    pub member: String,
+    pub verify_conn_url: bool,
     /// Poked when a client connect failed, so the checker re-checks at once.
     pub recheck: Arc<Notify>,
 }
 
 impl Member {
-    pub fn new(id: BackendId, name: &str, address: &str) -> Member {
-        Member { id, name: name.to_owned(), address: address.to_owned(), recheck: Arc::new(Notify::new()) }
+    pub fn new(id: BackendId, name: &str, address: &str, member: &str, verify_conn_url: bool) -> Member {
+        Member {
+            id,
+            name: name.to_owned(),
+            address: address.to_owned(),
+            member: member.to_owned(),
+            verify_conn_url,
+            recheck: Arc::new(Notify::new()),
+        }
     }
 }
 
@@ -39,6 +57,8 @@ impl Member {
 pub struct Membership {
     pub members: Vec<Member>,
     pub policy: Policy,
+    /// Changes when `[etcd]` does (another cluster, other endpoints): the etcd view starts over.
+    pub etcd_generation: u64,
 }
 
 pub struct Elector {
@@ -47,6 +67,9 @@ pub struct Elector {
     policy: Policy,
     membership: watch::Receiver<Arc<Membership>>,
     reports: mpsc::Receiver<Report>,
+    /// From the etcd watcher (nothing arrives without `[etcd]`).
+    lease_events: mpsc::Receiver<LeaseEvent>,
+    etcd_generation: u64,
     /// The one writer of the routing table.
     table_tx: watch::Sender<Arc<RoutingTable>>,
     metrics: Arc<Metrics>,
@@ -57,6 +80,7 @@ impl Elector {
     pub fn new(
         mut membership: watch::Receiver<Arc<Membership>>,
         reports: mpsc::Receiver<Report>,
+        lease_events: mpsc::Receiver<LeaseEvent>,
         table_tx: watch::Sender<Arc<RoutingTable>>,
         metrics: Arc<Metrics>,
         cancel: CancellationToken,
@@ -65,22 +89,34 @@ impl Elector {
         Elector {
             members: current.members.clone(),
             policy: current.policy,
+            etcd_generation: current.etcd_generation,
             membership,
             reports,
+            lease_events,
             table_tx,
             metrics,
             cancel,
         }
     }
 
-    /// Runs until cancelled. Re-decides every second as well, so stale observations expire.
+    /// Runs until cancelled. Re-decides every second as well, so stale observations expire, and
+    /// at the instant a confirmation ends.
     pub async fn run(mut self) {
         let mut states: HashMap<BackendId, BackendState> = HashMap::new();
+        let mut lease = LeaseView::default();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let expiry = self.table_tx.borrow().next_expiry().map(Instant::from_std);
             tokio::select! {
                 () = self.cancel.cancelled() => return,
+                Some(event) = self.lease_events.recv() => {
+                    let staleness = self.policy.fence.map_or(Duration::ZERO, |f| f.max_staleness);
+                    let next = lease.observe(&event, staleness);
+                    self.log_lease(&lease, &next, &event);
+                    lease = next;
+                }
+                () = sleep_until_some(expiry) => {}
                 Some(report) = self.reports.recv() => {
                     let Some(member) = self.members.iter().find(|m| m.id == report.backend) else { continue };
                     if report.source == Source::Client {
@@ -98,15 +134,19 @@ impl Elector {
                     let current = self.membership.borrow_and_update().clone();
                     self.members = current.members.clone();
                     self.policy = current.policy;
+                    if current.etcd_generation != self.etcd_generation {
+                        self.etcd_generation = current.etcd_generation;
+                        lease = LeaseView::default();
+                    }
                     states.retain(|id, _| self.members.iter().any(|m| m.id == *id));
                 }
                 _ = tick.tick() => {}
             }
-            self.publish(&states);
+            self.publish(&states, &lease);
         }
     }
 
-    fn publish(&self, states: &HashMap<BackendId, BackendState>) {
+    fn publish(&self, states: &HashMap<BackendId, BackendState>, lease: &LeaseView) {
         let ordered: Vec<Backend> = self
             .members
             .iter()
@@ -114,11 +154,14 @@ impl Elector {
                 id: m.id,
                 name: m.name.clone(),
                 address: m.address.clone(),
+                member: m.member.clone(),
+                verify_conn_url: m.verify_conn_url,
                 state: states.get(&m.id).cloned().unwrap_or_default(),
             })
             .collect();
         let prev = self.table_tx.borrow().clone();
-        let mut next = topology::decide(&prev, &ordered, &self.policy, Instant::now().into_std());
+        let now = Instant::now().into_std();
+        let mut next = topology::decide(&prev, &ordered, Some(lease), &self.policy, now);
         self.log_decision(&prev, &next);
         if prev.leader != next.leader || prev.reason != next.reason {
             next.history.push(LeaderChange {
@@ -131,7 +174,8 @@ impl Elector {
             let excess = next.history.len().saturating_sub(HISTORY_LEN);
             next.history.drain(..excess);
         }
-        self.update_metrics(&next);
+        self.log_fence(&prev, &next);
+        self.update_metrics(&next, now);
         self.table_tx.send_if_modified(|current| {
             let wake = current.routing_differs(&next);
             *current = Arc::new(next);
@@ -178,7 +222,74 @@ impl Elector {
         }
     }
 
-    fn update_metrics(&self, table: &RoutingTable) {
+    /// What fencing changed, said once per change: the fail-safe fallback, and (in `observe`
+    /// mode) a disagreement with what SQL alone routes to.
+    fn log_fence(&self, prev: &RoutingTable, next: &RoutingTable) {
+        let (Some(was), Some(now)) = (prev.fence.as_ref(), next.fence.as_ref()) else {
+            if let Some(f) = &next.fence {
+                tracing::info!(mode = f.mode.as_str(), "fencing with Patroni's leader lease in etcd");
+            }
+            return;
+        };
+        if now.failsafe && !was.failsafe {
+            tracing::warn!(
+                leader = self.name(next.leader),
+                "etcd is unreachable: Patroni's failsafe_mode is on and every backend is healthy, so pgleader \
+                 routes on SQL alone until etcd answers again"
+            );
+        } else if was.failsafe && !now.failsafe {
+            tracing::warn!(reason = now.reason.describe(), "the fail-safe fallback ended");
+        }
+        if now.mode == FenceMode::Observe && (now.leader != was.leader || now.reason != was.reason) {
+            if now.leader != next.leader {
+                tracing::warn!(
+                    routed = self.name(next.leader),
+                    enforced = self.name(now.leader),
+                    reason = now.reason.describe(),
+                    "observe mode: enforcing the leader lease would route differently"
+                );
+            } else {
+                tracing::info!(leader = self.name(now.leader), "observe mode: the leader lease agrees with SQL");
+            }
+        }
+    }
+
+    /// etcd reachability flips and what the leader key says, at INFO/WARN on change only.
+    fn log_lease(&self, before: &LeaseView, after: &LeaseView, event: &LeaseEvent) {
+        if before.reachable && !after.reachable {
+            let error = after.last_error.as_deref().unwrap_or("");
+            tracing::warn!(%error, "etcd reads fail; the leader lease is confirmed only until the last confirmation ends");
+        } else if !before.reachable && after.reachable {
+            tracing::info!("etcd reads succeed");
+        }
+        if before.named() != after.named() {
+            tracing::info!(member = after.named().unwrap_or("none"), "Patroni's leader key names a new holder");
+        }
+        if before.confirmation.is_some() && after.confirmation.is_none() {
+            if let Some(why) = &after.revoked {
+                tracing::warn!(why, "the leader lease confirmation was revoked by an etcd watch event");
+            }
+        }
+        if let (LeaseEvent::Read(_), Some(p), Some(f)) = (event, after.patroni, self.policy.fence) {
+            let changed = before.patroni.map(|b| (b.ttl, b.loop_wait)) != Some((p.ttl, p.loop_wait));
+            if let (true, Some(ttl), Some(loop_wait)) = (changed, p.ttl, p.loop_wait) {
+                let window = Duration::from_secs(ttl.saturating_sub(loop_wait));
+                if f.max_staleness >= window {
+                    tracing::warn!(
+                        max_staleness = ?f.max_staleness,
+                        ttl, loop_wait,
+                        "[etcd] max_staleness is not below Patroni's ttl - loop_wait: fencing will not stop writes on \
+                         an isolated leader sooner than Patroni's own demotion; lower max_staleness"
+                    );
+                }
+            }
+            if p.pause && !before.patroni.is_some_and(|b| b.pause) {
+                tracing::warn!("Patroni is paused (maintenance mode): a manual promotion does not move the leader key");
+            }
+        }
+    }
+
+    fn update_metrics(&self, table: &RoutingTable, now: std::time::Instant) {
         let m = &self.metrics;
         for view in &table.backends {
             let name = view.name.as_str();
@@ -190,6 +301,18 @@ impl Elector {
             m.leader.with_label_values(&[name]).set(i64::from(table.leader == Some(view.id)));
         }
         m.split_brain.set(i64::from(table.reason.is_split_brain()));
+        if let Some(f) = &table.fence {
+            m.etcd_up.set(i64::from(f.view.reachable));
+            m.etcd_failsafe_fallback.set(i64::from(f.failsafe));
+            let named = f.view.named();
+            let known = |n: &str| self.members.iter().any(|b| b.member == n);
+            for b in &self.members {
+                m.etcd_leader.with_label_values(&[&b.member]).set(i64::from(named == Some(b.member.as_str())));
+            }
+            m.etcd_leader.with_label_values(&["other"]).set(i64::from(named.is_some_and(|n| !known(n))));
+            let age = f.view.confirmation.as_ref().map(|c| now.saturating_duration_since(c.read_start));
+            m.etcd_confirmation_age.set(age.map_or(f64::NAN, |a| a.as_secs_f64()));
+        }
         if table.epoch != self.table_tx.borrow().epoch {
             m.leader_changes.inc();
         }

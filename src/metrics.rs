@@ -5,9 +5,11 @@
 //! from client input. Per-backend and per-result series are pre-initialised so dashboards have no
 //! gaps. This module must not depend on any other module of the crate.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// How a client connection ended: the `result` label of `pgleader_sessions_total`.
@@ -19,6 +21,9 @@ pub enum SessionResult {
     Cut,
     /// No leader within `leader_wait_timeout`: 57P03.
     NoLeader,
+    /// No leader within `leader_wait_timeout` because the leader lease is not confirmed by etcd
+    /// (fencing): 57P03.
+    NoLease,
     /// Over `max_connections`: 53300.
     RefusedLimit,
     /// Not a PostgreSQL first packet: 08P01 / 0A000.
@@ -44,10 +49,11 @@ pub enum SessionResult {
 }
 
 impl SessionResult {
-    pub const ALL: [SessionResult; 14] = [
+    pub const ALL: [SessionResult; 15] = [
         SessionResult::Ok,
         SessionResult::Cut,
         SessionResult::NoLeader,
+        SessionResult::NoLease,
         SessionResult::RefusedLimit,
         SessionResult::RefusedProtocol,
         SessionResult::RefusedAddress,
@@ -66,6 +72,7 @@ impl SessionResult {
             SessionResult::Ok => "ok",
             SessionResult::Cut => "cut",
             SessionResult::NoLeader => "no_leader",
+            SessionResult::NoLease => "no_lease",
             SessionResult::RefusedLimit => "refused_limit",
             SessionResult::RefusedProtocol => "refused_protocol",
             SessionResult::RefusedAddress => "refused_address",
@@ -86,9 +93,9 @@ pub const CHECK_RESULTS: [&str; 3] = ["ok", "failed", "lost"];
 /// Roles, as `topology::Role::as_str` spells them (this module may not import topology).
 pub const ROLES: [&str; 4] = ["unknown", "primary", "replica", "down"];
 /// The `reason` label of `pgleader_sessions_cut_total`, as `topology::CutReason::as_str` spells them.
-pub const CUT_REASONS: [&str; 5] = ["leader_changed", "recovery", "older_timeline", "down", "removed"];
+pub const CUT_REASONS: [&str; 6] = ["leader_changed", "recovery", "older_timeline", "down", "removed", "lease"];
 /// The `task` label of `pgleader_task_restarts_total`: background tasks restarted after a panic.
-pub const RESTARTED_TASKS: [&str; 1] = ["health_checker"];
+pub const RESTARTED_TASKS: [&str; 2] = ["health_checker", "etcd_reader"];
 
 /// Every metric pgleader exports.
 pub struct Metrics {
@@ -110,6 +117,17 @@ pub struct Metrics {
     pub health_check_duration: HistogramVec,
     pub leader_wait: Histogram,
     pub config_reloads: IntCounterVec,
+    /// 1 while etcd reads succeed. The `etcd_*` metrics are exported only with `[etcd]`
+    /// ([`Metrics::set_etcd_enabled`]), so an SQL-only pgleader raises no etcd alert.
+    pub etcd_up: IntGauge,
+    /// 1 for the member Patroni's leader key names (`other` for a member not configured here).
+    pub etcd_leader: IntGaugeVec,
+    /// Seconds since the read that last confirmed a leader (NaN before the first).
+    pub etcd_confirmation_age: Gauge,
+    pub etcd_read_duration: Histogram,
+    /// 1 while the fail-safe fallback routes on SQL alone.
+    pub etcd_failsafe_fallback: IntGauge,
+    etcd_registered: AtomicBool,
 }
 
 impl Metrics {
@@ -190,7 +208,31 @@ impl Metrics {
                 &["result"],
             )
             .expect("valid metric"),
+            etcd_up: IntGauge::new("pgleader_etcd_up", "1 while linearizable reads of Patroni's keys in etcd succeed")
+                .expect("valid metric"),
+            etcd_leader: gauge_vec(
+                "pgleader_etcd_leader",
+                "1 for the member Patroni's leader key in etcd names (other: a member not configured here)",
+                &["member"],
+            ),
+            etcd_confirmation_age: Gauge::new(
+                "pgleader_etcd_confirmation_age_seconds",
+                "Seconds since the etcd read that last confirmed a leader's lease (NaN before the first)",
+            )
+            .expect("valid metric"),
+            etcd_read_duration: Histogram::with_opts(
+                HistogramOpts::new("pgleader_etcd_read_duration_seconds", "Duration of successful etcd reads")
+                    .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]),
+            )
+            .expect("valid metric"),
+            etcd_failsafe_fallback: IntGauge::new(
+                "pgleader_etcd_failsafe_fallback",
+                "1 while etcd is unreachable and Patroni's fail-safe mode lets pgleader route on SQL alone",
+            )
+            .expect("valid metric"),
+            etcd_registered: AtomicBool::new(false),
         };
+        m.etcd_confirmation_age.set(f64::NAN);
         let collectors: [Box<dyn prometheus::core::Collector>; 16] = [
             Box::new(m.backend_up.clone()),
             Box::new(m.backend_role.clone()),
@@ -255,6 +297,33 @@ impl Metrics {
         }
         for r in CHECK_RESULTS {
             let _ = self.health_checks.remove_label_values(&[backend, r]);
+        }
+    }
+
+    /// Exports (or stops exporting) the `pgleader_etcd_*` metrics, as `[etcd]` is configured.
+    pub fn set_etcd_enabled(&self, enabled: bool, members: &[String]) {
+        let collectors = || -> [Box<dyn prometheus::core::Collector>; 5] {
+            [
+                Box::new(self.etcd_up.clone()),
+                Box::new(self.etcd_leader.clone()),
+                Box::new(self.etcd_confirmation_age.clone()),
+                Box::new(self.etcd_read_duration.clone()),
+                Box::new(self.etcd_failsafe_fallback.clone()),
+            ]
+        };
+        let was = self.etcd_registered.swap(enabled, Ordering::SeqCst);
+        match (was, enabled) {
+            (false, true) => collectors().into_iter().for_each(|c| {
+                let _ = self.registry.register(c);
+            }),
+            (true, false) => collectors().into_iter().for_each(|c| {
+                let _ = self.registry.unregister(c);
+            }),
+            _ => {}
+        }
+        self.etcd_leader.reset();
+        for m in members.iter().map(String::as_str).chain(["other"]) {
+            self.etcd_leader.with_label_values(&[m]);
         }
     }
 

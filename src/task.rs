@@ -83,6 +83,14 @@ pub async fn restart_on_failure<F, Fut>(
     }
 }
 
+/// Sleeps until `at`, or forever without one (a deadline that may not exist, in a `select!`).
+pub async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

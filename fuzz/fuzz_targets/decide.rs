@@ -85,6 +85,8 @@ fuzz_target!(|input: Input| {
         rise: u32::from(input.rise % 4),
         fall: u32::from(input.fall % 4).max(1),
         stale_after: Duration::from_millis(10 * u64::from(input.stale_after)),
+        // Fencing is property-tested in topology's own tests (`fencing_invariants`).
+        fence: None,
     };
     let n = if input.three_backends { 3 } else { 2 };
     let mut backends: Vec<Backend> = (0..n)
@@ -92,6 +94,8 @@ fuzz_target!(|input: Input| {
             id: BackendId(i),
             name: format!("b{i}"),
             address: format!("10.0.0.{i}:5432"),
+            member: format!("b{i}"),
+            verify_conn_url: true,
             state: BackendState::default(),
         })
         .collect();
@@ -106,7 +110,7 @@ fuzz_target!(|input: Input| {
             b.state = b.state.observe(&obs, clock);
         }
         let now = clock + Duration::from_millis(u64::from(step.decide_lag_ms));
-        let next = decide(&table, &backends, &policy, now);
+        let next = decide(&table, &backends, None, &policy, now);
         check(&table, &next, &backends, &policy, now);
         table = next;
     }
@@ -114,8 +118,8 @@ fuzz_target!(|input: Input| {
 
 fn check(prev: &RoutingTable, next: &RoutingTable, backends: &[Backend], policy: &Policy, now: Instant) {
     // Same inputs, same table; and a second decision on unchanged inputs changes no routing.
-    assert_eq!(next, &decide(prev, backends, policy, now), "decide is not deterministic");
-    let again = decide(next, backends, policy, now);
+    assert_eq!(next, &decide(prev, backends, None, policy, now), "decide is not deterministic");
+    let again = decide(next, backends, None, policy, now);
     assert!(!again.routing_differs(next), "re-deciding unchanged inputs changed routing");
     assert_eq!(again.leader, next.leader);
 
@@ -131,7 +135,7 @@ fn check(prev: &RoutingTable, next: &RoutingTable, backends: &[Backend], policy:
             assert!(view.routable, "leader not routable: {next:#?}");
             assert_eq!(view.role, Role::Primary, "leader is not a primary: {next:#?}");
             assert!(view.cut.is_none() && next.session_allowed(id), "the leader's own sessions would be cut");
-            assert!(next.admits(id, next.epoch), "the leader does not admit in its own epoch");
+            assert!(next.admits(id, next.epoch, now), "the leader does not admit in its own epoch");
             assert!(matches!(next.reason, Reason::SolePrimary | Reason::NewestTimeline), "{:?}", next.reason);
             let s = &view.state;
             let probe = s.last_probe.expect("a leader has been checked");

@@ -433,7 +433,8 @@ where
         let packet =
             if hello.ssl_request { FirstPacket::SslRequest } else { FirstPacket::Startup { minor: 0, params: vec![] } };
         self.refuse_after(packet, sqlstate::CANNOT_CONNECT_NOW, &message).await;
-        Outcome::Ended(Some(SessionResult::NoLeader))
+        let lease = self.ctx.routing.borrow().reason.is_lease();
+        Outcome::Ended(Some(if lease { SessionResult::NoLease } else { SessionResult::NoLeader }))
     }
 
     /// Tells the elector that a backend did not take a client (rule 7): it is not routable until
@@ -468,7 +469,7 @@ where
 
     /// Is the backend chosen in `epoch` still the leader of the current table (rule 8)?
     fn admits(&self, id: BackendId, epoch: u64) -> bool {
-        self.ctx.routing.borrow().admits(id, epoch)
+        self.ctx.routing.borrow().admits(id, epoch, Instant::now().into_std())
     }
 
     /// One try at a connected backend: replay the client's bytes, vet the first reply, and admit
@@ -579,7 +580,10 @@ async fn wait_for_leader(
     deadline: Instant,
     after_failure: bool,
 ) -> Option<(BackendId, u64, SocketAddr)> {
-    let target = |t: &RoutingTable| t.leader_target().map(|(id, addr)| (id, t.epoch, addr));
+    let target = |t: &RoutingTable| {
+        let now = Instant::now().into_std();
+        t.leader_target().filter(|(id, _)| t.admits(*id, t.epoch, now)).map(|(id, addr)| (id, t.epoch, addr))
+    };
     if !after_failure {
         if let Some(found) = target(&routing.borrow_and_update()) {
             return Some(found);

@@ -44,6 +44,7 @@ use tracing::Instrument;
 
 use crate::metrics::{Metrics, SessionResult};
 use crate::pump::{pump_both, Side, Tally};
+use crate::task::sleep_until_some;
 use crate::topology::{BackendId, CutReason, Report, RoutingTable};
 
 use handshake::{forward_cancel, Admitted, Connect, Context, Handshake, Outcome, Refusal};
@@ -385,13 +386,23 @@ async fn splice(
 /// Completes, with the reason, when the routing table no longer allows a session on `id`
 /// (DESIGN.md rule 3). Cancel safe. Pending forever if the elector is gone (its end is fatal,
 /// and the drain that follows closes sessions).
+/// With fencing, it also completes at the end of the backend's confirmation (rule 9) — on its
+/// own clock, not when the elector gets round to it — unless a newer table has extended it.
 async fn session_cut(routing: &mut watch::Receiver<Arc<RoutingTable>>, id: BackendId) -> CutReason {
     loop {
-        if let Some(reason) = routing.borrow_and_update().cut_reason(id) {
-            return reason;
-        }
-        if routing.changed().await.is_err() {
-            return std::future::pending().await;
+        let lease_until = {
+            let table = routing.borrow_and_update();
+            if let Some(reason) = table.cut_reason_at(id, Instant::now().into_std()) {
+                return reason;
+            }
+            table.lease_until(id).map(Instant::from_std)
+        };
+        tokio::select! {
+            biased;
+            changed = routing.changed() => if changed.is_err() {
+                return std::future::pending().await;
+            },
+            () = sleep_until_some(lease_until) => {}
         }
     }
 }

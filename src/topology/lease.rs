@@ -111,6 +111,8 @@ pub struct LeaseView {
     pub last_error: Option<String>,
     /// Patroni's configuration from the latest read that had one, since pgleader started.
     pub patroni: Option<PatroniConfig>,
+    /// `read_start` of the latest read that confirmed a leader (kept after it lapses).
+    pub last_confirmed: Option<Instant>,
     pub reads_ok: u64,
     pub reads_failed: u64,
 }
@@ -130,6 +132,9 @@ impl LeaseView {
                 let older = self.read.as_ref().is_some_and(|r| r.revision > read.revision);
                 if !older {
                     next.confirmation = confirm(read, max_staleness);
+                    if next.confirmation.is_some() {
+                        next.last_confirmed = Some(read.read_start);
+                    }
                     next.revoked = None;
                     next.read = Some(read.clone());
                 }

@@ -12,8 +12,19 @@
 //!    reaches `fall` failed checks ([`RoutingTable::cut_reason`] says which).
 //! 4. One routable primary: the leader. None: no leader. Several: see below.
 //! 8. Admission is atomic with the route: a client connected to the leader of epoch `e` is
-//!    admitted only while the current table still names that leader in epoch `e`
-//!    ([`RoutingTable::admits`]); otherwise it is a retry the client never sees.
+//!    admitted only while the current table still names that leader in epoch `e` and, with
+//!    fencing, its confirmation is still valid ([`RoutingTable::admits`]); otherwise it is a
+//!    retry the client never sees.
+//! 9. Fencing (`[etcd]`, [`FencePolicy`]): in `enforce` mode the SQL leader of rules 1-4 leads
+//!    only while it holds a valid confirmation of Patroni's leader lease ([`lease::LeaseView`]):
+//!    the latest read named its member, the member is registered with a matching `conn_url`, and
+//!    `now < valid_until`. The table carries that `valid_until`; past it the leader is gone and
+//!    its sessions are cut ([`CutReason::Lease`]), as are the sessions of any primary that holds
+//!    no valid confirmation. One exception, Patroni's fail-safe: etcd unreachable, Patroni's
+//!    configuration (read since start) has `failsafe_mode: true`, every backend passes its SQL
+//!    check, and the last read named the SQL leader's member: then the SQL leader leads without a
+//!    confirmation ([`Reason::FailsafeFallback`]). In `observe` mode the table routes as without
+//!    fencing and reports, in [`FenceState`], what enforcing would do.
 //!
 //! Addresses: each successful check carries the socket address the checker resolved and used
 //! ([`Probe::address`]); clients are connected to exactly that address, never to a fresh
@@ -47,6 +58,34 @@ pub struct Policy {
     pub fall: u32,
     /// A backend with no observation for this long is not routable (its checker is stuck).
     pub stale_after: Duration,
+    /// Fencing with Patroni's leader lease (`[etcd]`); `None`: SQL only.
+    pub fence: Option<FencePolicy>,
+}
+
+/// How the leader lease is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FencePolicy {
+    pub mode: FenceMode,
+    /// How long one read's confirmation lasts at most.
+    pub max_staleness: Duration,
+}
+
+/// `[etcd] mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FenceMode {
+    /// Route only to a confirmed leader.
+    Enforce,
+    /// Decide and report, but route as without fencing (a safe rollout).
+    Observe,
+}
+
+impl FenceMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FenceMode::Enforce => "enforce",
+            FenceMode::Observe => "observe",
+        }
+    }
 }
 
 /// What one successful check saw.
@@ -198,6 +237,13 @@ impl BackendState {
         }
     }
 
+    /// Its latest check succeeded recently and the health connection is up (any role): what
+    /// "passes its SQL check" means for the fail-safe fallback.
+    fn passes(&self, policy: &Policy, now: Instant) -> bool {
+        let fresh = self.observed_at.is_some_and(|t| now.saturating_duration_since(t) <= policy.stale_after);
+        fresh && self.last_probe.is_some() && self.fail_streak == 0 && !self.lost
+    }
+
     /// Rule 1, plus freshness.
     fn is_routable_primary(&self, policy: &Policy, now: Instant) -> bool {
         let fresh = self.observed_at.is_some_and(|t| now.saturating_duration_since(t) <= policy.stale_after);
@@ -231,6 +277,8 @@ pub enum CutReason {
     Down,
     /// A reload removed the backend (or changed its address).
     Removed,
+    /// Fencing: the backend holds no valid confirmation of Patroni's leader lease.
+    Lease,
 }
 
 impl CutReason {
@@ -242,6 +290,7 @@ impl CutReason {
             CutReason::OlderTimeline => "older_timeline",
             CutReason::Down => "down",
             CutReason::Removed => "removed",
+            CutReason::Lease => "lease",
         }
     }
 }
@@ -263,6 +312,18 @@ pub enum Reason {
     SplitBrainSameTimeline,
     /// Two or more primaries of different (or unknown) systems: a misconfiguration.
     SplitBrainDifferentSystems,
+    /// Fencing: the SQL leader's lease is not confirmed (the key names another member, is absent,
+    /// or its lease ran out) while etcd answers.
+    LeaseNotConfirmed,
+    /// Fencing: no recent etcd read confirms the SQL leader (reads fail, or none has succeeded
+    /// yet) and its last confirmation has lapsed.
+    EtcdUnreachable,
+    /// Fencing: the SQL leader's member is not registered in Patroni's scope, or its `conn_url`
+    /// does not match the backend's address.
+    MemberNotVerified,
+    /// Fencing: etcd unreachable, Patroni's fail-safe mode on and every backend healthy: the SQL
+    /// leader leads without a confirmation.
+    FailsafeFallback,
 }
 
 impl Reason {
@@ -282,6 +343,18 @@ impl Reason {
             Reason::SplitBrainDifferentSystems => {
                 "split brain: primaries belong to different database systems (misconfigured backends)"
             }
+            Reason::LeaseNotConfirmed => {
+                "the leader lease is not confirmed by etcd: Patroni's leader key names another member, or none"
+            }
+            Reason::EtcdUnreachable => {
+                "the leader lease is not confirmed by etcd: no recent quorum read of etcd confirms it (etcd unreachable?)"
+            }
+            Reason::MemberNotVerified => {
+                "the primary's Patroni member is not registered in etcd with a conn_url matching its address"
+            }
+            Reason::FailsafeFallback => {
+                "etcd is unreachable; Patroni's failsafe_mode is on and every backend is healthy: routing on SQL alone"
+            }
         }
     }
 
@@ -295,7 +368,16 @@ impl Reason {
             Reason::StaleTimeline => "stale_timeline",
             Reason::SplitBrainSameTimeline => "split_brain_same_timeline",
             Reason::SplitBrainDifferentSystems => "split_brain_different_systems",
+            Reason::LeaseNotConfirmed => "lease_not_confirmed",
+            Reason::EtcdUnreachable => "etcd_unreachable",
+            Reason::MemberNotVerified => "member_not_verified",
+            Reason::FailsafeFallback => "failsafe_fallback",
         }
+    }
+
+    /// A refusal caused by fencing (the client's 57P03 is counted as `no_lease`).
+    pub fn is_lease(self) -> bool {
+        matches!(self, Reason::LeaseNotConfirmed | Reason::EtcdUnreachable | Reason::MemberNotVerified)
     }
 
     pub fn is_split_brain(self) -> bool {
@@ -310,6 +392,10 @@ pub struct Backend {
     pub name: String,
     /// `host:port` as configured; the checker resolves it at each check.
     pub address: String,
+    /// Patroni's member name (fencing).
+    pub member: String,
+    /// Fencing: the member's `conn_url` must match `address`.
+    pub verify_conn_url: bool,
     pub state: BackendState,
 }
 
@@ -323,9 +409,16 @@ pub struct BackendView {
     pub role: Role,
     /// New sessions may be routed here (rule 1, not stale).
     pub routable: bool,
-    /// Why existing sessions here must go, as far as this backend's own state goes (rule 3);
-    /// `None`: they may stay.
+    /// Why existing sessions here must go, as far as this backend's own state goes (rules 3 and
+    /// 9); `None`: they may stay.
     pub cut: Option<CutReason>,
+    /// Patroni's member name.
+    pub member: String,
+    /// Fencing: why this backend can never be confirmed (member unknown, `conn_url` mismatch).
+    pub member_problem: Option<String>,
+    /// Fencing: sessions here must end at this instant unless a newer table extends it (the
+    /// backend's confirmation); `None` without fencing, or under the fail-safe fallback.
+    pub lease_until: Option<Instant>,
 }
 
 impl BackendView {
@@ -348,6 +441,20 @@ pub struct RoutingTable {
     pub max_timelines: BTreeMap<Option<u64>, u32>,
     /// Recent leader changes, oldest first; appended by the elector, carried by [`decide`].
     pub history: Vec<LeaderChange>,
+    /// The fencing decision and the etcd view it was made from; `None` without `[etcd]`.
+    pub fence: Option<FenceState>,
+}
+
+/// What fencing decided, for `/status` and for `observe` mode's report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FenceState {
+    pub mode: FenceMode,
+    pub view: lease::LeaseView,
+    /// Where enforcing routes (in `observe` mode: would route).
+    pub leader: Option<BackendId>,
+    pub reason: Reason,
+    /// The fail-safe fallback is in effect.
+    pub failsafe: bool,
 }
 
 impl RoutingTable {
@@ -360,6 +467,7 @@ impl RoutingTable {
             backends: Vec::new(),
             max_timelines: BTreeMap::new(),
             history: Vec::new(),
+            fence: None,
         }
     }
 
@@ -382,15 +490,41 @@ impl RoutingTable {
         view.cut.or_else(|| self.leader.filter(|l| *l != backend).map(|_| CutReason::LeaderChanged))
     }
 
+    /// [`RoutingTable::cut_reason`] at `now`: also a lapsed confirmation (rule 9), without
+    /// waiting for the elector to notice.
+    pub fn cut_reason_at(&self, backend: BackendId, now: Instant) -> Option<CutReason> {
+        self.cut_reason(backend).or_else(|| {
+            let lapsed = self.backend(backend)?.lease_until.is_some_and(|v| now >= v);
+            lapsed.then_some(CutReason::Lease)
+        })
+    }
+
+    /// When sessions on `backend` must be re-examined at the latest (its confirmation's end).
+    pub fn lease_until(&self, backend: BackendId) -> Option<Instant> {
+        self.backend(backend)?.lease_until
+    }
+
     /// Rule 3 as a yes/no: may a session on `backend` stay open?
     pub fn session_allowed(&self, backend: BackendId) -> bool {
         self.cut_reason(backend).is_none()
     }
 
     /// Rule 8: may a client connected to `backend` while it led epoch `epoch` see its first byte
-    /// from it now? Only while this table still names that leader in that epoch.
-    pub fn admits(&self, backend: BackendId, epoch: u64) -> bool {
-        self.epoch == epoch && self.leader == Some(backend)
+    /// from it now? Only while this table still names that leader in that epoch, and (rule 9)
+    /// before its confirmation ends.
+    pub fn admits(&self, backend: BackendId, epoch: u64, now: Instant) -> bool {
+        self.epoch == epoch && self.leader == Some(backend) && self.lease_until(backend).is_none_or(|v| now < v)
+    }
+
+    /// The leader's `valid_until` (rule 9), if it leads on a confirmation.
+    pub fn valid_until(&self) -> Option<Instant> {
+        self.leader.and_then(|l| self.lease_until(l))
+    }
+
+    /// The earliest instant at which this table stops being true by itself (a confirmation
+    /// ending): the elector re-decides then.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.backends.iter().filter_map(|b| b.lease_until).min()
     }
 
     /// The leader and the address clients are connected to, if there is a leader.
@@ -406,17 +540,27 @@ impl RoutingTable {
             || self.reason != other.reason
             || self.backends.len() != other.backends.len()
             || self.backends.iter().zip(&other.backends).any(|(a, b)| {
+                // `lease_until` moves with every etcd read: sessions re-read it when their own
+                // timer fires, so a renewal wakes no one.
                 a.id != b.id
                     || a.routable != b.routable
                     || a.cut != b.cut
                     || a.role != b.role
                     || a.resolved() != b.resolved()
+                    || a.member_problem != b.member_problem
             })
     }
 }
 
-/// Decides the leader from every backend's state. Deterministic: same inputs, same table.
-pub fn decide(prev: &RoutingTable, backends: &[Backend], policy: &Policy, now: Instant) -> RoutingTable {
+/// Decides the leader from every backend's state and, with fencing, the etcd view (`lease`;
+/// `None` is the same as a view with no read yet). Deterministic: same inputs, same table.
+pub fn decide(
+    prev: &RoutingTable,
+    backends: &[Backend],
+    lease: Option<&lease::LeaseView>,
+    policy: &Policy,
+    now: Instant,
+) -> RoutingTable {
     let states: Vec<&BackendState> = backends.iter().map(|b| &b.state).collect();
     let mut max_timelines = prev.max_timelines.clone();
     for probe in states.iter().filter_map(|s| s.last_probe) {
@@ -428,7 +572,7 @@ pub fn decide(prev: &RoutingTable, backends: &[Backend], policy: &Policy, now: I
     let newest = |s: &BackendState| s.last_probe.and_then(|p| max_timelines.get(&p.system_id).copied());
     let is_current = |s: &BackendState| s.last_probe.is_some_and(|p| p.timeline.is_some() && p.timeline == newest(s));
 
-    let views: Vec<BackendView> = backends
+    let mut views: Vec<BackendView> = backends
         .iter()
         .map(|b| BackendView {
             id: b.id,
@@ -438,6 +582,9 @@ pub fn decide(prev: &RoutingTable, backends: &[Backend], policy: &Policy, now: I
             role: b.state.role(policy),
             routable: b.state.is_routable_primary(policy, now) && is_current(&b.state),
             cut: b.state.own_cut(policy, newest(&b.state)),
+            member: b.member.clone(),
+            member_problem: None,
+            lease_until: None,
         })
         .collect();
 
@@ -447,23 +594,125 @@ pub fn decide(prev: &RoutingTable, backends: &[Backend], policy: &Policy, now: I
     let one_system = primaries
         .first()
         .is_some_and(|&first| system(first).is_some() && primaries.iter().all(|&i| system(i) == system(first)));
-    let (leader, reason) = match current.as_slice() {
+    let (sql_leader, sql_reason) = match current.as_slice() {
         _ if primaries.len() > 1 && !one_system => (None, Reason::SplitBrainDifferentSystems),
         [] if states.iter().all(|s| s.observed_at.is_none()) => (None, Reason::Starting),
         [] if primaries.is_empty() => (None, Reason::NoPrimary),
         [] => (None, Reason::StaleTimeline),
-        [only] if primaries.len() == 1 => (Some(backends[*only].id), Reason::SolePrimary),
-        [only] => (Some(backends[*only].id), Reason::NewestTimeline),
+        [only] if primaries.len() == 1 => (Some(*only), Reason::SolePrimary),
+        [only] => (Some(*only), Reason::NewestTimeline),
         _ => (None, Reason::SplitBrainSameTimeline),
     };
-    let mut views = views;
+
+    let (leader, reason, fence) = match policy.fence {
+        None => (sql_leader, sql_reason, None),
+        Some(fp) => {
+            let empty = lease::LeaseView::default();
+            let view = lease.unwrap_or(&empty);
+            let all_healthy = states.iter().all(|s| s.passes(policy, now));
+            let fenced = fence(view, backends, sql_leader, sql_reason, all_healthy, now);
+            for (v, b) in views.iter_mut().zip(backends) {
+                v.member_problem = member_problem(view, b);
+            }
+            if fp.mode == FenceMode::Enforce {
+                for (i, v) in views.iter_mut().enumerate() {
+                    let primary = v.state.last_probe.is_some_and(|p| !p.in_recovery);
+                    let held = Some(i) == fenced.leader && fenced.failsafe;
+                    let confirmed = if v.member_problem.is_none() { view.confirmed(&v.member, now) } else { None };
+                    v.lease_until = confirmed.map(|c| c.valid_until).filter(|_| !held);
+                    if primary && confirmed.is_none() && !held {
+                        v.cut = v.cut.or(Some(CutReason::Lease));
+                    }
+                }
+            }
+            let state = FenceState {
+                mode: fp.mode,
+                view: view.clone(),
+                leader: fenced.leader.map(|i| backends[i].id),
+                reason: fenced.reason,
+                failsafe: fenced.failsafe,
+            };
+            match fp.mode {
+                FenceMode::Enforce => (fenced.leader, fenced.reason, Some(state)),
+                FenceMode::Observe => (sql_leader, sql_reason, Some(state)),
+            }
+        }
+    };
+    let leader = leader.map(|i| backends[i].id);
     if leader.is_none() {
         for v in &mut views {
             v.routable = false;
         }
     }
     let epoch = if leader != prev.leader { prev.epoch + 1 } else { prev.epoch };
-    RoutingTable { leader, reason, epoch, backends: views, max_timelines, history: prev.history.clone() }
+    RoutingTable { leader, reason, epoch, backends: views, max_timelines, history: prev.history.clone(), fence }
+}
+
+/// Rule 9's verdict on the SQL leader (an index into `backends`).
+struct Fenced {
+    leader: Option<usize>,
+    reason: Reason,
+    failsafe: bool,
+}
+
+fn fence(
+    view: &lease::LeaseView,
+    backends: &[Backend],
+    sql_leader: Option<usize>,
+    sql_reason: Reason,
+    all_healthy: bool,
+    now: Instant,
+) -> Fenced {
+    let refuse = |reason| Fenced { leader: None, reason, failsafe: false };
+    let Some(i) = sql_leader else { return refuse(sql_reason) };
+    let b = &backends[i];
+    if view.read.is_none() {
+        return refuse(Reason::EtcdUnreachable);
+    }
+    if member_problem(view, b).is_some() {
+        return refuse(Reason::MemberNotVerified);
+    }
+    if view.confirmed(&b.member, now).is_some() {
+        return Fenced { leader: Some(i), reason: sql_reason, failsafe: false };
+    }
+    // Patroni's fail-safe: it keeps its primary while it sees every member, and so can we
+    // while we see every backend; never after etcd itself said the key moved.
+    let failsafe = !view.reachable
+        && view.patroni.is_some_and(|p| p.failsafe_mode)
+        && all_healthy
+        && view.revoked.is_none()
+        && view.named() == Some(b.member.as_str());
+    if failsafe {
+        return Fenced { leader: Some(i), reason: Reason::FailsafeFallback, failsafe: true };
+    }
+    // The key names another member (or none): etcd's answer. It names this one but no fresh
+    // read confirms it: reads fail or stopped.
+    let elsewhere = view.reachable && view.named() != Some(b.member.as_str());
+    refuse(if elsewhere { Reason::LeaseNotConfirmed } else { Reason::EtcdUnreachable })
+}
+
+/// Why `backend` can never be confirmed by the latest read, if it cannot.
+fn member_problem(view: &lease::LeaseView, backend: &Backend) -> Option<String> {
+    let read = view.read.as_ref()?;
+    let Some(entry) = read.members.iter().find(|m| m.name == backend.member) else {
+        return Some(format!("Patroni lists no member `{}` in its scope", backend.member));
+    };
+    if !backend.verify_conn_url {
+        return None;
+    }
+    let (host, port) = backend.address.rsplit_once(':')?;
+    let ours = (host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase(), port.parse::<u16>().ok()?);
+    match entry.conn_url.as_deref() {
+        None => Some(format!("member `{}` has no conn_url in etcd", backend.member)),
+        Some(url) => match lease::conn_url_host_port(url) {
+            Some(theirs) if theirs == ours => None,
+            _ => Some(format!(
+                "member `{}` advertises conn_url {url}, not this backend's address {} \
+                 (set verify_conn_url = false if that is intended)",
+                backend.member, backend.address
+            )),
+        },
+    }
 }
 
 #[cfg(test)]

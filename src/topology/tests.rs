@@ -3,7 +3,7 @@
 use super::*;
 use proptest::prelude::*;
 
-const POLICY: Policy = Policy { rise: 1, fall: 3, stale_after: Duration::from_secs(10) };
+const POLICY: Policy = Policy { rise: 1, fall: 3, stale_after: Duration::from_secs(10), fence: None };
 
 fn addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 5432))
@@ -27,6 +27,8 @@ fn backends(n: u32) -> Vec<Backend> {
             id: BackendId(i),
             name: format!("b{i}"),
             address: format!("h:{i}"),
+            member: format!("m{i}"),
+            verify_conn_url: true,
             state: BackendState::default(),
         })
         .collect()
@@ -40,7 +42,7 @@ fn run(n: u32, policy: &Policy, events: &[(usize, Observation)]) -> RoutingTable
     for (i, (b, obs)) in events.iter().enumerate() {
         let at = t0 + Duration::from_millis(i as u64);
         states[*b].state = states[*b].state.observe(obs, at);
-        table = decide(&table, &states, policy, at);
+        table = decide(&table, &states, None, policy, at);
     }
     table
 }
@@ -182,12 +184,12 @@ fn sessions_on_an_older_timeline_are_cut_while_the_newer_primary_is_still_rising
 fn admission_needs_the_same_leader_in_the_same_epoch() {
     let t = run(2, &POLICY, &[(0, primary(1, 7)), (1, replica(7))]);
     let (leader, epoch) = (t.leader.unwrap(), t.epoch);
-    assert!(t.admits(leader, epoch));
-    assert!(!t.admits(BackendId(1), epoch), "not the leader");
-    assert!(!t.admits(leader, epoch + 1), "another epoch");
+    assert!(t.admits(leader, epoch, Instant::now()));
+    assert!(!t.admits(BackendId(1), epoch, Instant::now()), "not the leader");
+    assert!(!t.admits(leader, epoch + 1, Instant::now()), "another epoch");
     let later = run(2, &POLICY, &[(0, primary(1, 7)), (1, replica(7)), (0, lost()), (0, primary(1, 7))]);
     assert_eq!(later.leader, Some(leader));
-    assert!(!later.admits(leader, epoch), "the same backend re-elected is a new epoch: retry");
+    assert!(!later.admits(leader, epoch, Instant::now()), "the same backend re-elected is a new epoch: retry");
     assert_eq!(t.leader_target(), Some((leader, addr())));
 }
 
@@ -196,9 +198,9 @@ fn stale_observations_are_not_routable() {
     let t0 = Instant::now();
     let mut s = backends(1);
     s[0].state = s[0].state.observe(&primary(1, 7), t0);
-    let fresh = decide(&RoutingTable::initial(), &s, &POLICY, t0 + Duration::from_secs(1));
+    let fresh = decide(&RoutingTable::initial(), &s, None, &POLICY, t0 + Duration::from_secs(1));
     assert_eq!(fresh.leader, Some(BackendId(0)));
-    let stale = decide(&fresh, &s, &POLICY, t0 + Duration::from_secs(11));
+    let stale = decide(&fresh, &s, None, &POLICY, t0 + Duration::from_secs(11));
     assert_eq!(stale.leader, None);
     assert_eq!(stale.epoch, fresh.epoch + 1);
 }
@@ -219,16 +221,16 @@ proptest! {
         rise in 1u32..3,
         fall in 1u32..4,
     ) {
-        let policy = Policy { rise, fall, stale_after: Duration::from_secs(60) };
+        let policy = Policy { rise, fall, stale_after: Duration::from_secs(60), fence: None };
         let t0 = Instant::now();
         let mut states = backends(3);
         let mut table = RoutingTable::initial();
         for (i, (b, obs)) in events.iter().enumerate() {
             let now = t0 + Duration::from_millis(i as u64);
             states[*b].state = states[*b].state.observe(obs, now);
-            let next = decide(&table, &states, &policy, now);
+            let next = decide(&table, &states, None, &policy, now);
             // Determinism.
-            prop_assert_eq!(&next, &decide(&table, &states, &policy, now));
+            prop_assert_eq!(&next, &decide(&table, &states, None, &policy, now));
             if let Some(l) = next.leader {
                 let s = &states[l.0 as usize].state;
                 let probe = s.last_probe.expect("a leader has been checked");
@@ -256,8 +258,8 @@ proptest! {
             }
             // Admission: only the leader, only in its own epoch.
             for b in &next.backends {
-                prop_assert_eq!(next.admits(b.id, next.epoch), next.leader == Some(b.id));
-                prop_assert!(!next.admits(b.id, next.epoch + 1));
+                prop_assert_eq!(next.admits(b.id, next.epoch, Instant::now()), next.leader == Some(b.id));
+                prop_assert!(!next.admits(b.id, next.epoch + 1, Instant::now()));
             }
             // The leader's own sessions are never cut.
             if let Some(l) = next.leader {
@@ -266,9 +268,253 @@ proptest! {
             // The epoch moves exactly when the leader does.
             prop_assert_eq!(next.epoch != table.epoch, next.leader != table.leader);
             // No change without an input change.
-            let again = decide(&next, &states, &policy, now);
+            let again = decide(&next, &states, None, &policy, now);
             prop_assert!(!again.routing_differs(&next));
             table = next;
+        }
+    }
+}
+
+mod fencing {
+    use super::*;
+    use crate::topology::lease::{LeaderLease, LeaseEvent, LeaseRead, LeaseView, MemberEntry, PatroniConfig};
+
+    const STALE: Duration = Duration::from_secs(3);
+
+    fn policy(mode: FenceMode) -> Policy {
+        Policy { fence: Some(FencePolicy { mode, max_staleness: STALE }), ..POLICY }
+    }
+
+    /// Every member registered with a conn_url matching its backend ("h:<i>").
+    fn members(n: u32) -> Vec<MemberEntry> {
+        (0..n)
+            .map(|i| MemberEntry { name: format!("m{i}"), conn_url: Some(format!("postgres://h:{i}/postgres")) })
+            .collect()
+    }
+
+    fn read_at(at: Instant, revision: i64, holder: Option<&str>, failsafe: bool) -> LeaseEvent {
+        LeaseEvent::Read(LeaseRead {
+            read_start: at,
+            revision,
+            endpoint: "http://e:2379".into(),
+            leader: holder.map(|m| LeaderLease { member: m.into(), remaining: Some(Duration::from_secs(30)) }),
+            patroni: Some(PatroniConfig {
+                ttl: Some(30),
+                loop_wait: Some(10),
+                failsafe_mode: failsafe,
+                ..Default::default()
+            }),
+            members: members(2),
+        })
+    }
+
+    /// b0 primary and b1 replica, checked at `t0`.
+    fn two(t0: Instant) -> Vec<Backend> {
+        let mut b = backends(2);
+        b[0].state = b[0].state.observe(&primary(1, 7), t0);
+        b[1].state = b[1].state.observe(&replica(7), t0);
+        b
+    }
+
+    #[test]
+    fn the_sql_leader_leads_only_while_its_lease_is_confirmed() {
+        let t0 = Instant::now();
+        let b = two(t0);
+        let p = policy(FenceMode::Enforce);
+        let view = LeaseView::default().observe(&read_at(t0, 5, Some("m0"), false), STALE);
+        let t = decide(&RoutingTable::initial(), &b, Some(&view), &p, t0);
+        assert_eq!((t.leader, t.reason), (Some(BackendId(0)), Reason::SolePrimary));
+        assert_eq!(t.valid_until(), Some(t0 + STALE));
+        assert!(t.admits(BackendId(0), t.epoch, t0 + STALE - Duration::from_millis(1)));
+        assert!(!t.admits(BackendId(0), t.epoch, t0 + STALE), "admission ends at valid_until");
+        assert_eq!(t.cut_reason_at(BackendId(0), t0 + STALE), Some(CutReason::Lease), "sessions end at valid_until");
+        assert_eq!(t.next_expiry(), Some(t0 + STALE), "the elector wakes then");
+        let later = decide(&t, &b, Some(&view), &p, t0 + STALE);
+        assert_eq!((later.leader, later.reason), (None, Reason::EtcdUnreachable), "no fresh read: lapsed");
+        assert_eq!(later.cut_reason(BackendId(0)), Some(CutReason::Lease));
+        let renewed = view.observe(&read_at(t0 + Duration::from_secs(1), 6, Some("m0"), false), STALE);
+        let t = decide(&later, &b, Some(&renewed), &p, t0 + STALE);
+        assert_eq!(t.leader, Some(BackendId(0)));
+        assert_eq!(t.valid_until(), Some(t0 + Duration::from_secs(1) + STALE));
+    }
+
+    #[test]
+    fn a_primary_whose_member_does_not_hold_the_key_is_never_the_leader() {
+        let t0 = Instant::now();
+        let b = two(t0);
+        let p = policy(FenceMode::Enforce);
+        for holder in [Some("m1"), None] {
+            let view = LeaseView::default().observe(&read_at(t0, 5, holder, false), STALE);
+            let t = decide(&RoutingTable::initial(), &b, Some(&view), &p, t0);
+            assert_eq!((t.leader, t.reason), (None, Reason::LeaseNotConfirmed), "{holder:?}");
+            assert_eq!(t.cut_reason(BackendId(0)), Some(CutReason::Lease), "its sessions are cut too");
+            assert!(!t.backends[0].routable);
+        }
+        let t = decide(&RoutingTable::initial(), &b, None, &p, t0);
+        assert_eq!((t.leader, t.reason), (None, Reason::EtcdUnreachable), "no read yet: fail closed");
+    }
+
+    #[test]
+    fn unknown_members_and_mismatched_conn_urls_are_never_confirmed() {
+        let t0 = Instant::now();
+        let p = policy(FenceMode::Enforce);
+        let mut b = two(t0);
+        b[0].member = "ghost".into();
+        let view = LeaseView::default().observe(&read_at(t0, 5, Some("ghost"), false), STALE);
+        let t = decide(&RoutingTable::initial(), &b, Some(&view), &p, t0);
+        assert_eq!((t.leader, t.reason), (None, Reason::MemberNotVerified));
+        assert!(t.backends[0].member_problem.as_deref().unwrap().contains("no member `ghost`"));
+
+        let mut b = two(t0);
+        b[0].address = "other:0".into();
+        let view = LeaseView::default().observe(&read_at(t0, 5, Some("m0"), false), STALE);
+        let t = decide(&RoutingTable::initial(), &b, Some(&view), &p, t0);
+        assert_eq!((t.leader, t.reason), (None, Reason::MemberNotVerified));
+        assert!(t.backends[0].member_problem.as_deref().unwrap().contains("postgres://h:0/postgres"));
+        b[0].verify_conn_url = false;
+        let t = decide(&RoutingTable::initial(), &b, Some(&view), &p, t0);
+        assert_eq!(t.leader, Some(BackendId(0)), "verify_conn_url = false accepts it");
+    }
+
+    #[test]
+    fn the_failsafe_fallback_needs_patronis_failsafe_every_backend_healthy_and_the_same_member() {
+        let t0 = Instant::now();
+        let p = policy(FenceMode::Enforce);
+        let after = t0 + STALE + Duration::from_secs(1);
+        let down = LeaseEvent::ReadFailed { at: after, error: "no endpoint answered".into() };
+        let view = LeaseView::default().observe(&read_at(t0, 5, Some("m0"), true), STALE).observe(&down, STALE);
+        let mut b = backends(2);
+        b[0].state = b[0].state.observe(&primary(1, 7), after);
+        b[1].state = b[1].state.observe(&replica(7), after);
+        let t = decide(&RoutingTable::initial(), &b, Some(&view), &p, after);
+        assert_eq!((t.leader, t.reason), (Some(BackendId(0)), Reason::FailsafeFallback));
+        assert!(t.fence.as_ref().unwrap().failsafe);
+        assert_eq!(t.valid_until(), None, "no confirmation to end it");
+        assert!(t.session_allowed(BackendId(0)));
+
+        let off = LeaseView::default().observe(&read_at(t0, 5, Some("m0"), false), STALE).observe(&down, STALE);
+        let t = decide(&RoutingTable::initial(), &b, Some(&off), &p, after);
+        assert_eq!((t.leader, t.reason), (None, Reason::EtcdUnreachable), "failsafe_mode off: fail closed");
+
+        let mut sick = b.clone();
+        sick[1].state = sick[1].state.observe(&failed(), after);
+        let t = decide(&RoutingTable::initial(), &sick, Some(&view), &p, after);
+        assert_eq!((t.leader, t.reason), (None, Reason::EtcdUnreachable), "a backend unreachable: maybe a minority");
+        assert_eq!(t.cut_reason(BackendId(0)), Some(CutReason::Lease));
+
+        let revoked = view.observe(&LeaseEvent::Changed { revision: 6, member: None }, STALE);
+        let t = decide(&RoutingTable::initial(), &b, Some(&revoked), &p, after);
+        assert_eq!(t.leader, None, "etcd said the key went away: no fallback");
+    }
+
+    #[test]
+    fn observe_mode_routes_as_sql_and_reports_what_enforcing_would_do() {
+        let t0 = Instant::now();
+        let b = two(t0);
+        let view = LeaseView::default().observe(&read_at(t0, 5, Some("m1"), false), STALE);
+        let t = decide(&RoutingTable::initial(), &b, Some(&view), &policy(FenceMode::Observe), t0);
+        assert_eq!((t.leader, t.reason), (Some(BackendId(0)), Reason::SolePrimary));
+        let f = t.fence.as_ref().unwrap();
+        assert_eq!((f.leader, f.reason, f.mode), (None, Reason::LeaseNotConfirmed, FenceMode::Observe));
+        assert_eq!(t.valid_until(), None);
+        assert!(t.session_allowed(BackendId(0)));
+    }
+
+    fn arb_lease(t0: Instant) -> impl Strategy<Value = LeaseEvent> {
+        let holder = prop_oneof![Just(None), Just(Some("m0")), Just(Some("m1")), Just(Some("m2"))];
+        prop_oneof![
+            (0u64..20_000, 1i64..30, holder.clone(), any::<bool>(), 0u64..40).prop_map(move |(ms, rev, h, fs, ttl)| {
+                match read_at(t0 + Duration::from_millis(ms), rev, h, fs) {
+                    LeaseEvent::Read(mut r) => {
+                        if let Some(l) = &mut r.leader {
+                            l.remaining = Some(Duration::from_secs(ttl));
+                        }
+                        LeaseEvent::Read(r)
+                    }
+                    other => other,
+                }
+            }),
+            Just(LeaseEvent::ReadFailed { at: t0, error: "down".into() }),
+            (1i64..30, holder).prop_map(|(revision, h)| LeaseEvent::Changed { revision, member: h.map(str::to_owned) }),
+        ]
+    }
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Health(usize, Observation),
+        Lease(LeaseEvent),
+        Wait(u64),
+    }
+
+    fn arb_step(t0: Instant) -> impl Strategy<Value = Step> {
+        prop_oneof![
+            (0usize..3, arb_obs()).prop_map(|(b, o)| Step::Health(b, o)),
+            arb_lease(t0).prop_map(Step::Lease),
+            (0u64..4000).prop_map(Step::Wait),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn fencing_invariants(steps in proptest::collection::vec(arb_step(Instant::now()), 0..50), observe in any::<bool>()) {
+            let t0 = Instant::now();
+            let mode = if observe { FenceMode::Observe } else { FenceMode::Enforce };
+            let p = policy(mode);
+            let sql_only = Policy { fence: None, ..p };
+            let mut states = backends(3);
+            let mut view = LeaseView::default();
+            let (mut table, mut plain) = (RoutingTable::initial(), RoutingTable::initial());
+            let mut now = t0;
+            for step in &steps {
+                now += Duration::from_millis(1);
+                match step {
+                    Step::Health(b, o) => states[*b].state = states[*b].state.observe(o, now),
+                    Step::Lease(e) => view = view.observe(e, STALE),
+                    Step::Wait(ms) => now += Duration::from_millis(*ms),
+                }
+                let next = decide(&table, &states, Some(&view), &p, now);
+                plain = decide(&plain, &states, None, &sql_only, now);
+                prop_assert_eq!(&next, &decide(&table, &states, Some(&view), &p, now), "deterministic");
+                if mode == FenceMode::Observe {
+                    prop_assert_eq!(next.leader, plain.leader, "observe routes as SQL alone");
+                    prop_assert_eq!(next.valid_until(), None);
+                } else if let Some(l) = next.leader {
+                    let b = next.backend(l).expect("the leader is listed");
+                    // Never a leader SQL would not pick, nor one the latest read does not name.
+                    prop_assert_eq!(plain.leader, Some(l));
+                    prop_assert_eq!(view.named(), Some(b.member.as_str()));
+                    prop_assert!(b.member_problem.is_none());
+                    let f = next.fence.as_ref().expect("fencing state");
+                    match view.confirmed(&b.member, now) {
+                        Some(c) => {
+                            prop_assert_eq!(next.valid_until(), Some(c.valid_until));
+                            prop_assert!(c.valid_until <= c.read_start + STALE);
+                            prop_assert!(!f.failsafe);
+                        }
+                        None => {
+                            prop_assert!(f.failsafe && !view.reachable && view.patroni.is_some_and(|c| c.failsafe_mode));
+                            prop_assert!(states.iter().all(|s| s.state.passes(&p, now)));
+                        }
+                    }
+                    prop_assert!(next.admits(l, next.epoch, now));
+                }
+                if mode == FenceMode::Enforce {
+                    // No session stays on a primary without a valid confirmation (or the fallback).
+                    for b in &next.backends {
+                        let primary = b.state.last_probe.is_some_and(|p| !p.in_recovery);
+                        let covered = b.member_problem.is_none() && view.confirmed(&b.member, now).is_some();
+                        let fallback = next.leader == Some(b.id) && next.fence.as_ref().is_some_and(|f| f.failsafe);
+                        if primary && !covered && !fallback {
+                            prop_assert!(next.cut_reason_at(b.id, now).is_some(), "a session stays on an unconfirmed primary");
+                        }
+                        if let Some(until) = b.lease_until {
+                            prop_assert!(next.cut_reason_at(b.id, until).is_some(), "sessions end at lease_until");
+                        }
+                    }
+                }
+                prop_assert_eq!(next.epoch != table.epoch, next.leader != table.leader);
+                table = next;
+            }
         }
     }
 }

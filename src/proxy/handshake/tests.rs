@@ -40,6 +40,9 @@ fn table(leader: Option<u32>, epoch: u64) -> Arc<RoutingTable> {
                 role: if primary { Role::Primary } else { Role::Replica },
                 routable: primary,
                 cut: None,
+                member: format!("b{i}"),
+                member_problem: None,
+                lease_until: None,
             }
         })
         .collect();
@@ -50,6 +53,7 @@ fn table(leader: Option<u32>, epoch: u64) -> Arc<RoutingTable> {
         backends,
         max_timelines: Default::default(),
         history: Vec::new(),
+        fence: None,
     })
 }
 

@@ -13,6 +13,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod etcd;
+
+pub use etcd::{parse_endpoint, EtcdConfig, EtcdMode};
+
 /// A configuration problem, phrased for the operator who must fix the file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -216,6 +220,20 @@ pub struct BackendConfig {
     /// A short unique name, used in metrics labels, logs and /status.
     pub name: String,
     pub address: HostPort,
+    /// Patroni's member name for this backend (fencing); defaults to `name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<String>,
+    /// Fencing: the member's `conn_url` in etcd must match `address`, or the backend is never
+    /// confirmed.
+    #[serde(default = "default_true")]
+    pub verify_conn_url: bool,
+}
+
+impl BackendConfig {
+    /// Patroni's member name: `member`, or the backend's `name`.
+    pub fn member(&self) -> &str {
+        self.member.as_deref().unwrap_or(&self.name)
+    }
 }
 
 /// The file as read, before cross-field validation.
@@ -231,6 +249,8 @@ pub struct RawConfig {
     #[serde(default = "default_log")]
     pub log: LogConfig,
     #[serde(default)]
+    pub etcd: Option<EtcdConfig>,
+    #[serde(default)]
     pub backend: Vec<toml::Spanned<BackendConfig>>,
 }
 
@@ -241,6 +261,8 @@ pub struct Config {
     pub admin: AdminConfig,
     pub health: HealthConfig,
     pub log: LogConfig,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub etcd: Option<EtcdConfig>,
     pub backend: Vec<BackendConfig>,
 }
 
@@ -268,7 +290,12 @@ impl Config {
     /// The [`bounds`] problems of a configuration changed in code after validation (a file's
     /// are reported by [`Config::from_toml`] with their lines); empty when every key is in range.
     pub fn out_of_bounds(&self) -> Vec<String> {
-        bound_problems(&self.proxy, &self.health, &KeyLines::default())
+        let lines = KeyLines::default();
+        let mut problems = bound_problems(&self.proxy, &self.health, &lines);
+        if let Some(e) = &self.etcd {
+            problems.extend(e.problems(self.health.interval, &lines));
+        }
+        problems
     }
 
     /// The effective configuration as TOML, secrets masked (for `check-config`).
@@ -282,21 +309,31 @@ impl Config {
     /// The variable is unset or the file unreadable; the message names which.
     pub fn health_password(&self) -> Result<Option<Secret>, String> {
         let h = &self.health;
-        if let Some(p) = &h.password {
-            return Ok(Some(p.clone()));
-        }
-        if let Some(var) = &h.password_env {
-            return std::env::var(var)
-                .map(|v| Some(Secret(v)))
-                .map_err(|_| format!("health.password_env: environment variable {var} is not set"));
-        }
-        if let Some(path) = &h.password_file {
-            return std::fs::read_to_string(path)
-                .map(|v| Some(Secret(v.trim_end_matches(['\n', '\r']).to_owned())))
-                .map_err(|e| format!("health.password_file: cannot read {}: {e}", path.display()));
-        }
-        Ok(None)
+        read_secret("health", h.password.as_ref(), h.password_env.as_deref(), h.password_file.as_deref())
     }
+}
+
+/// A secret given inline, by environment variable, or by file (one line, newline trimmed).
+fn read_secret(
+    section: &str,
+    inline: Option<&Secret>,
+    env: Option<&str>,
+    file: Option<&Path>,
+) -> Result<Option<Secret>, String> {
+    if let Some(p) = inline {
+        return Ok(Some(p.clone()));
+    }
+    if let Some(var) = env {
+        return std::env::var(var)
+            .map(|v| Some(Secret(v)))
+            .map_err(|_| format!("{section}.password_env: environment variable {var} is not set"));
+    }
+    if let Some(path) = file {
+        return std::fs::read_to_string(path)
+            .map(|v| Some(Secret(v.trim_end_matches(['\n', '\r']).to_owned())))
+            .map_err(|e| format!("{section}.password_file: cannot read {}: {e}", path.display()));
+    }
+    Ok(None)
 }
 
 impl RawConfig {
@@ -329,12 +366,21 @@ impl RawConfig {
                         b.address
                     ));
                 }
+                if other.member() == b.member() {
+                    problems.push(format!(
+                        "backend[{i}].member (line {line}): `{}` is also backend[{j}]'s member (name it with `member`)",
+                        b.member()
+                    ));
+                }
             }
         }
         let h = &self.health;
         let p = &self.proxy;
         let lines = KeyLines::read(text);
         problems.extend(bound_problems(p, h, &lines));
+        if let Some(e) = &self.etcd {
+            problems.extend(e.problems(h.interval, &lines));
+        }
         let secrets = [h.password.is_some(), h.password_env.is_some(), h.password_file.is_some()];
         if secrets.iter().filter(|s| **s).count() > 1 {
             problems.push("health: set at most one of password, password_env, password_file".to_owned());
@@ -367,6 +413,7 @@ impl RawConfig {
             admin: self.admin,
             health: self.health,
             log: self.log,
+            etcd: self.etcd,
             backend: self.backend.into_iter().map(toml::Spanned::into_inner).collect(),
         })
     }
@@ -400,6 +447,7 @@ impl Config {
         let proxy_rest = |c: &ProxyConfig| ProxyConfig { listen: new.proxy.listen, ..c.clone() };
         check(proxy_rest(&self.proxy) != proxy_rest(&new.proxy), "proxy", true);
         check(self.health != new.health, "health", true);
+        check(self.etcd != new.etcd, "etcd", true);
         check(self.backend != new.backend, "backend", true);
         d
     }
@@ -423,6 +471,8 @@ struct KeyLines {
     health: BTreeMap<String, toml::Spanned<toml::Value>>,
     #[serde(default)]
     log: BTreeMap<String, toml::Spanned<toml::Value>>,
+    #[serde(default)]
+    etcd: BTreeMap<String, toml::Spanned<toml::Value>>,
     /// The text the spans point into.
     #[serde(skip)]
     text: String,
@@ -442,6 +492,7 @@ impl KeyLines {
             "proxy" => &self.proxy,
             "admin" => &self.admin,
             "health" => &self.health,
+            "etcd" => &self.etcd,
             _ => &self.log,
         };
         table.get(key).map(|v| format!(" (line {})", line_at(&self.text, v.span().start))).unwrap_or_default()
