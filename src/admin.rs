@@ -39,7 +39,6 @@ use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -269,98 +268,6 @@ pub fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<B
     }
 }
 
-/// Everything `/status` and the status page show, taken from one table snapshot.
-#[derive(Serialize)]
-pub struct Status {
-    pub leader: Option<String>,
-    pub reason: &'static str,
-    pub reason_text: &'static str,
-    pub split_brain: bool,
-    pub epoch: u64,
-    pub draining: bool,
-    pub config_generation: u64,
-    pub backends: Vec<BackendStatus>,
-    /// Recent leader changes, oldest first.
-    pub events: Vec<Event>,
-}
-
-#[derive(Serialize)]
-pub struct BackendStatus {
-    pub name: String,
-    pub address: String,
-    pub role: &'static str,
-    pub routable: bool,
-    pub leader: bool,
-    pub timeline: Option<u32>,
-    /// A string: 64-bit identifiers do not fit a JSON number safely.
-    pub system_identifier: Option<String>,
-    pub last_error: Option<String>,
-    pub last_check_ms: Option<f64>,
-    pub checks_total: u64,
-    pub failures_total: u64,
-    pub consecutive_successes: u32,
-    pub consecutive_failures: u32,
-    pub connection_lost: bool,
-    pub sessions_active: i64,
-}
-
-#[derive(Serialize)]
-pub struct Event {
-    pub at_unix_ms: u64,
-    pub epoch: u64,
-    pub from: Option<String>,
-    pub to: Option<String>,
-    pub reason: &'static str,
-    pub reason_text: &'static str,
-}
-
-/// Reads the current table once and assembles the status.
-pub fn snapshot(state: &AdminState) -> Status {
-    let table: Arc<RoutingTable> = state.routing.borrow().clone();
-    Status {
-        leader: table.leader_view().map(|b| b.name.clone()),
-        reason: table.reason.as_str(),
-        reason_text: table.reason.describe(),
-        split_brain: table.reason.is_split_brain(),
-        epoch: table.epoch,
-        draining: state.draining.is_cancelled(),
-        config_generation: state.config_generation.load(Ordering::Relaxed),
-        backends: table
-            .backends
-            .iter()
-            .map(|b| BackendStatus {
-                name: b.name.clone(),
-                address: b.address.clone(),
-                role: b.role.as_str(),
-                routable: b.routable,
-                leader: table.leader == Some(b.id),
-                timeline: b.state.last_probe.and_then(|p| p.timeline),
-                system_identifier: b.state.last_probe.and_then(|p| p.system_id).map(|s| s.to_string()),
-                last_error: b.state.last_error.clone(),
-                last_check_ms: b.state.last_check_latency.map(|d| d.as_secs_f64() * 1000.0),
-                checks_total: b.state.checks_total,
-                failures_total: b.state.failures_total,
-                consecutive_successes: b.state.ok_streak,
-                consecutive_failures: b.state.fail_streak,
-                connection_lost: b.state.lost,
-                sessions_active: state.metrics.sessions_active.with_label_values(&[&b.name]).get(),
-            })
-            .collect(),
-        events: table
-            .history
-            .iter()
-            .map(|e| Event {
-                at_unix_ms: e.at_unix_ms,
-                epoch: e.epoch,
-                from: e.from.clone(),
-                to: e.to.clone(),
-                reason: e.reason.as_str(),
-                reason_text: e.reason.describe(),
-            })
-            .collect(),
-    }
-}
-
 /// The `/status` document.
 pub fn status_json(state: &AdminState) -> Vec<u8> {
     let mut body =
@@ -381,6 +288,9 @@ fn with_type(status: StatusCode, body: Vec<u8>, content_type: &'static str) -> R
 }
 
 mod page;
+mod status;
+
+pub use status::{snapshot, Status};
 
 #[cfg(test)]
 mod tests {
@@ -439,6 +349,54 @@ mod tests {
         assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
         assert!(text.contains("draining"));
         assert_eq!(body(route(&s, &Method::GET, "/healthz")).0, StatusCode::OK);
+    }
+
+    #[test]
+    fn status_and_page_show_the_etcd_view_with_fencing() {
+        use crate::topology::lease::{LeaderLease, LeaseEvent, LeaseRead, LeaseView, MemberEntry, PatroniConfig};
+        use crate::topology::{FenceMode, FencePolicy};
+        let now = Instant::now();
+        let address = "127.0.0.1:5432".parse().unwrap();
+        let probe = Probe { address, in_recovery: false, timeline: Some(3), system_id: Some(7) };
+        let backends = [Backend {
+            id: BackendId(0),
+            name: "a".into(),
+            address: "127.0.0.1:5432".into(),
+            member: "node-a".into(),
+            verify_conn_url: true,
+            state: BackendState::default().observe(&Observation::Checked(probe), now),
+        }];
+        let read = LeaseRead {
+            read_start: now,
+            revision: 42,
+            endpoint: "http://e:2379".into(),
+            leader: Some(LeaderLease { member: "node-a".into(), remaining: Some(Duration::from_secs(20)) }),
+            patroni: Some(PatroniConfig { failsafe_mode: true, pause: true, ..Default::default() }),
+            members: vec![MemberEntry {
+                name: "node-a".into(),
+                conn_url: Some("postgres://127.0.0.1:5432/postgres".into()),
+            }],
+        };
+        let view = LeaseView::default().observe(&LeaseEvent::Read(read), Duration::from_secs(3));
+        let fence = Some(FencePolicy { mode: FenceMode::Enforce, max_staleness: Duration::from_secs(3) });
+        let policy = Policy { rise: 1, fall: 3, stale_after: Duration::from_secs(10), fence };
+        let table = decide(&RoutingTable::initial(), &backends, Some(&view), &policy, now);
+        let s = state_with(table);
+        let (_, text) = body(route(&s, &Method::GET, "/status"));
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["leader"], "a");
+        let e = &v["etcd"];
+        assert_eq!((e["mode"].as_str(), e["leader_member"].as_str()), (Some("enforce"), Some("node-a")));
+        assert_eq!(e["confirmation"]["revision"], 42);
+        assert!(e["confirmation"]["valid_for_ms"].as_i64().unwrap() <= 3000);
+        assert_eq!((e["paused"].as_bool(), e["failsafe_fallback"].as_bool()), (Some(true), Some(false)));
+        assert_eq!(v["backends"][0]["member"], "node-a");
+        assert_eq!(v["backends"][0]["resolved_address"], "127.0.0.1:5432");
+        let (_, html) = body(route(&s, &Method::GET, "/"));
+        assert!(html.contains("Leader lease (etcd, enforce mode)") && html.contains("paused"), "{html}");
+        let plain = state_with(with_leader());
+        let (_, text) = body(route(&plain, &Method::GET, "/status"));
+        assert!(!text.contains("\"etcd\""), "no etcd section without [etcd]");
     }
 
     #[test]

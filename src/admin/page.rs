@@ -40,9 +40,12 @@ pub fn render(status: &Status) -> Vec<u8> {
         if status.split_brain { "YES" } else { "no" }
     );
 
+    if let Some(e) = &status.etcd {
+        lease(&mut h, e);
+    }
     h.push_str(
-        "<h2>Backends</h2><table><tr><th>name</th><th>address</th><th>role</th><th>routable</th><th>timeline</th>\
-         <th>sessions</th><th>last check</th><th>checks</th><th>failures</th><th>last error</th></tr>",
+        "<h2>Backends</h2><table><tr><th>name</th><th>address</th><th>member</th><th>role</th><th>routable</th>\
+         <th>timeline</th><th>sessions</th><th>last check</th><th>checks</th><th>failures</th><th>last error</th></tr>",
     );
     for b in &status.backends {
         let class = match (b.leader, b.role) {
@@ -52,11 +55,16 @@ pub fn render(status: &Status) -> Vec<u8> {
         };
         let _ = write!(
             h,
-            "<tr class=\"{class}\"><td>{}{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
-             <td>{}</td><td>{} ({} in a row)</td><td class=\"err\">{}</td></tr>",
+            "<tr class=\"{class}\"><td>{}{}</td><td>{}{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
+             <td>{}</td><td>{}</td><td>{} ({} in a row)</td><td class=\"err\">{}</td></tr>",
             esc(&b.name),
             if b.leader { " &#9733;" } else { "" },
             esc(&b.address),
+            match &b.resolved_address {
+                Some(r) if *r != b.address => format!(" <small>({})</small>", esc(r)),
+                _ => String::new(),
+            },
+            esc(&b.member),
             b.role,
             if b.routable { "yes" } else { "no" },
             b.timeline.map_or("-".to_owned(), |t| t.to_string()),
@@ -65,7 +73,11 @@ pub fn render(status: &Status) -> Vec<u8> {
             b.checks_total,
             b.failures_total,
             b.consecutive_failures,
-            esc(b.last_error.as_deref().unwrap_or("")),
+            esc(&[b.member_problem.as_deref(), b.last_error.as_deref()]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join("; ")),
         );
     }
     h.push_str("</table><h2>Recent leader changes</h2>");
@@ -91,6 +103,49 @@ pub fn render(status: &Status) -> Vec<u8> {
          <a href=\"/readyz\">/readyz</a></p></body></html>\n",
     );
     h.into_bytes()
+}
+
+/// The leader lease as etcd shows it.
+fn lease(h: &mut String, e: &super::status::EtcdStatus) {
+    let holder = e.leader_member.as_deref().unwrap_or("nobody");
+    let confirmation = match &e.confirmation {
+        Some(c) if c.valid_for_ms > 0 => format!(
+            "{} confirmed {} ms ago (revision {}), valid for {} ms more",
+            esc(&c.member),
+            c.age_ms,
+            c.revision,
+            c.valid_for_ms
+        ),
+        Some(c) => format!("{}'s confirmation ended {} ms ago", esc(&c.member), -c.valid_for_ms),
+        None => "no confirmation".to_owned(),
+    };
+    let _ = write!(
+        h,
+        "<h2>Leader lease (etcd, {} mode)</h2><table>\
+         <tr><th>Patroni's leader key</th><td>{}</td></tr><tr><th>confirmation</th><td>{}</td></tr>\
+         <tr><th>etcd</th><td class=\"{}\">{}</td></tr><tr><th>enforcing routes to</th><td>{} <small>({})</small></td></tr>",
+        e.mode,
+        esc(holder),
+        confirmation,
+        if e.reachable { "" } else { "err" },
+        if e.reachable {
+            format!("reachable ({} reads ok, {} failed)", e.reads_ok, e.reads_failed)
+        } else {
+            format!("unreachable: {}", esc(e.last_error.as_deref().unwrap_or("no read has succeeded yet")))
+        },
+        esc(e.enforced_leader.as_deref().unwrap_or("none")),
+        esc(e.enforced_reason),
+    );
+    if e.failsafe_fallback {
+        h.push_str("<tr><th>fail-safe</th><td class=\"err\">ACTIVE: etcd unreachable, routing on SQL alone</td></tr>");
+    }
+    if e.paused {
+        h.push_str("<tr><th>Patroni</th><td class=\"err\">paused (maintenance mode)</td></tr>");
+    }
+    if let Some(why) = &e.revoked {
+        let _ = write!(h, "<tr><th>revoked</th><td>{}</td></tr>", esc(why));
+    }
+    h.push_str("</table>");
 }
 
 const CSS: &str = "body{font:14px system-ui,sans-serif;margin:2em;color:#222}h1{margin:0 0 .5em}\
