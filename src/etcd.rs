@@ -9,10 +9,11 @@
 //!   revision, linearizable (never serializable), then LeaseTimeToLive of the leader key's lease.
 //!   `timeout` bounds the whole attempt across endpoints: an endpoint that fails is left for the
 //!   next at once, the round starts again after a short pause while time is left, and the one
-//!   that answered is tried first next time. Each endpoint may spend
-//!   at most its share of what is left (left / endpoints not yet tried; the last one all of it),
-//!   so one frozen member that accepts connections and never answers cannot eat the budget of
-//!   every read. A member without a raft leader answers "no leader" at once (require-leader).
+//!   that answered is tried first next time. Each endpoint may spend at most its share of what
+//!   is left (left / endpoints not yet tried; the last one all of it), so one frozen member that
+//!   accepts connections and never answers cannot eat the budget of every read. A member
+//!   without a raft leader answers "no leader" at once (require-leader). Authenticating, when a
+//!   token is needed, comes first and has its own 5 s bound.
 //! - **the watch** of the leader key, from the revision after the latest successful read's, with
 //!   require-leader semantics (see `etcd/gateway.rs`). Each event is reported at once and wakes
 //!   the reader. A watch that cannot be opened, fails, is cancelled (no leader, compacted start
