@@ -12,6 +12,7 @@
 //! same watch without it was still open 30 s later.
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -182,11 +183,17 @@ fn keepalive(tcp: &TcpStream) {
 async fn handshake<T: AsyncRead + AsyncWrite + Unpin + Send + 'static>(io: T) -> Result<Conn, String> {
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
-        .map_err(|e| format!("HTTP handshake failed: {e}"))?;
+        .map_err(|e| format!("HTTP handshake failed: {}", chain(&e)))?;
+    let ended = Arc::new(Mutex::new(None));
+    let slot = Arc::clone(&ended);
     let driver = tokio::spawn(async move {
-        let _ = conn.await;
+        if let Err(e) = conn.await {
+            if let Ok(mut s) = slot.lock() {
+                *s = Some(chain(&e));
+            }
+        }
     });
-    Ok(Conn { sender, driver })
+    Ok(Conn { sender, driver, ended })
 }
 
 /// One HTTP/1.1 connection; dropping it closes it.
@@ -194,6 +201,8 @@ pub(super) struct Conn {
     sender: SendRequest<Full<Bytes>>,
     /// Drives the connection; aborted on drop.
     driver: JoinHandle<()>,
+    /// Why the connection ended, when it ended with an error (e.g. a TLS alert from etcd).
+    ended: Arc<Mutex<Option<String>>>,
 }
 
 impl Drop for Conn {
@@ -253,8 +262,28 @@ impl Conn {
             req = req.header(AUTHORIZATION, value);
         }
         let req = req.body(Full::new(Bytes::from(body))).map_err(|e| CallError::Transport(e.to_string()))?;
-        self.sender.ready().await.map_err(|e| CallError::Transport(format!("connection closed: {e}")))?;
-        self.sender.send_request(req).await.map_err(|e| CallError::Transport(format!("request failed: {e}")))
+        if let Err(e) = self.sender.ready().await {
+            return Err(CallError::Transport(format!("connection closed: {}", self.why_ended(&e).await)));
+        }
+        match self.sender.send_request(req).await {
+            Ok(resp) => Ok(resp),
+            Err(e) => Err(CallError::Transport(format!("request failed: {}", self.why_ended(&e).await))),
+        }
+    }
+
+    /// The driver's error when it has one (it is what went wrong), else `e`'s.
+    async fn why_ended(&self, e: &hyper::Error) -> String {
+        // The driver records its error as it finishes, just after the request side sees the end.
+        for _ in 0..10 {
+            if let Some(why) = self.ended.lock().ok().and_then(|s| s.clone()) {
+                return why;
+            }
+            if self.driver.is_finished() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        chain(e)
     }
 
     /// POST `body` to `path`; the answer's body when etcd says 200. Not cancel safe as to the
@@ -274,18 +303,12 @@ impl Conn {
         let bytes = Limited::new(resp.into_body(), ANSWER_LIMIT)
             .collect()
             .await
-            .map_err(|e| CallError::Transport(format!("reading the answer failed: {e}")))?
+            .map_err(|e| CallError::Transport(format!("reading the answer failed: {}", chain(&*e))))?
             .to_bytes();
         if status == StatusCode::OK {
             return Ok(bytes);
         }
-        Err(match decode_error(&bytes) {
-            Some((_, message)) => CallError::Etcd { message },
-            None => CallError::Transport(format!(
-                "HTTP {status} from the gateway: {:.200}",
-                String::from_utf8_lossy(&bytes)
-            )),
-        })
+        Err(refusal(status, &bytes))
     }
 
     /// POST a streaming request (a watch) and hand back its line reader once etcd answered 200.
@@ -303,13 +326,33 @@ impl Conn {
         let status = resp.status();
         if status != StatusCode::OK {
             let bytes = Limited::new(resp.into_body(), ANSWER_LIMIT).collect().await.map(|c| c.to_bytes());
-            let bytes = bytes.unwrap_or_default();
-            return Err(match decode_error(&bytes) {
-                Some((_, message)) => CallError::Etcd { message },
-                None => CallError::Transport(format!("HTTP {status} from the gateway")),
-            });
+            return Err(refusal(status, &bytes.unwrap_or_default()));
         }
         Ok(Lines { body: resp.into_body(), buf: BytesMut::new(), _conn: self })
+    }
+}
+
+/// An error and its causes, `: `-separated (hyper's own text stops at "connection error"; the
+/// cause, such as a TLS alert from etcd, is what the operator needs).
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.ends_with(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text
+}
+
+/// A non-200 answer: etcd's error when the body is one, else the status and the body's start.
+fn refusal(status: StatusCode, body: &[u8]) -> CallError {
+    match decode_error(body) {
+        Some((_, message)) => CallError::Etcd { message },
+        None => CallError::Transport(format!("HTTP {status} from the gateway: {:.200}", String::from_utf8_lossy(body))),
     }
 }
 
@@ -344,7 +387,7 @@ impl Lines {
                 None if self.buf.iter().all(u8::is_ascii_whitespace) => return Ok(None),
                 // The last message may come without its newline.
                 None => return Ok(Some(std::mem::take(&mut self.buf).freeze())),
-                Some(Err(e)) => return Err(format!("the watch stream failed: {e}")),
+                Some(Err(e)) => return Err(format!("the watch stream failed: {}", chain(&e))),
                 Some(Ok(frame)) => {
                     if let Ok(data) = frame.into_data() {
                         self.buf.extend_from_slice(&data);
