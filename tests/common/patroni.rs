@@ -60,6 +60,9 @@ pub const SUPERUSER_PASSWORD: &str = "postgres-secret";
 pub const TTL_SECS: u64 = 20;
 pub const LOOP_WAIT_SECS: u64 = 1;
 pub const RETRY_TIMEOUT_SECS: u64 = 5;
+/// etcd's raft timings for every member (ms): heartbeat and election timeout.
+pub const ETCD_HEARTBEAT_MS: u64 = 100;
+pub const ETCD_ELECTION_MS: u64 = 1000;
 
 /// How long to wait for things Patroni does on its own (bootstrap, failover, rejoin).
 pub const PATIENCE: Duration = Duration::from_secs(90);
@@ -107,8 +110,9 @@ pub fn etcd_bin() -> PathBuf {
 /// One etcd member we started.
 struct EtcdMember {
     client_port: u16,
-    /// Our child; killed and reaped on drop of the cluster.
-    child: Child,
+    peer_port: u16,
+    /// Our child while it runs; killed and reaped on drop of the cluster.
+    child: Option<Child>,
 }
 
 /// One Patroni-managed PostgreSQL node.
@@ -403,8 +407,10 @@ impl PatroniCluster {
                 Ok(()) => return,
                 Err(log) => {
                     for m in &mut self.etcd {
-                        let _ = m.child.kill();
-                        let _ = m.child.wait();
+                        if let Some(mut c) = m.child.take() {
+                            let _ = c.kill();
+                            let _ = c.wait();
+                        }
                     }
                     self.etcd.clear();
                     assert!(
@@ -418,38 +424,92 @@ impl PatroniCluster {
     }
 
     fn spawn_etcd(&mut self, etcd_bin: &Path) {
-        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
-        let initial = ports
+        self.etcd =
+            (0..3).map(|_| EtcdMember { client_port: free_port(), peer_port: free_port(), child: None }).collect();
+        for (i, _) in (0..3).enumerate() {
+            let _ = std::fs::remove_dir_all(self.dir.path().join(format!("etcd{i}")));
+            self.spawn_etcd_member(etcd_bin, i);
+        }
+    }
+
+    /// Starts member `i` on its ports and data dir (a restart keeps both).
+    fn spawn_etcd_member(&mut self, etcd_bin: &Path, i: usize) {
+        let initial = self
+            .etcd
             .iter()
             .enumerate()
-            .map(|(i, (_, peer))| format!("e{i}=http://127.0.0.1:{peer}"))
+            .map(|(j, m)| format!("e{j}=http://127.0.0.1:{}", m.peer_port))
             .collect::<Vec<_>>()
             .join(",");
-        for (i, (client, peer)) in ports.iter().enumerate() {
-            let data_dir = self.dir.path().join(format!("etcd{i}"));
-            let _ = std::fs::remove_dir_all(&data_dir);
-            let log = File::create(self.etcd_log(i)).expect("etcd log");
-            let child = Command::new(etcd_bin)
-                .arg("--name")
-                .arg(format!("e{i}"))
-                .arg("--data-dir")
-                .arg(data_dir)
-                .arg(format!("--listen-client-urls=http://127.0.0.1:{client}"))
-                .arg(format!("--advertise-client-urls=http://127.0.0.1:{client}"))
-                .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
-                .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"))
-                .arg(format!("--initial-cluster={initial}"))
-                .arg("--initial-cluster-state=new")
-                .arg(format!("--initial-cluster-token={}", self.scope))
-                // Small intervals: a loopback cluster elects its raft leader in well under a second.
-                .args(["--heartbeat-interval=100", "--election-timeout=1000"])
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().expect("dup log"))
-                .stderr(log)
-                .spawn()
-                .unwrap_or_else(|e| panic!("spawn etcd: {e} (apt-get install -y etcd-server)"));
-            self.etcd.push(EtcdMember { client_port: *client, child });
+        let (client, peer) = (self.etcd[i].client_port, self.etcd[i].peer_port);
+        let data_dir = self.dir.path().join(format!("etcd{i}"));
+        let log = File::options().create(true).append(true).open(self.etcd_log(i)).expect("etcd log");
+        let child = Command::new(etcd_bin)
+            .arg("--name")
+            .arg(format!("e{i}"))
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg(format!("--listen-client-urls=http://127.0.0.1:{client}"))
+            .arg(format!("--advertise-client-urls=http://127.0.0.1:{client}"))
+            .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
+            .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"))
+            .arg(format!("--initial-cluster={initial}"))
+            .arg("--initial-cluster-state=new")
+            .arg(format!("--initial-cluster-token={}", self.scope))
+            // Small intervals: a loopback cluster elects its raft leader in well under a second.
+            .args([
+                format!("--heartbeat-interval={ETCD_HEARTBEAT_MS}"),
+                format!("--election-timeout={ETCD_ELECTION_MS}"),
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn etcd: {e} (apt-get install -y etcd-server)"));
+        self.etcd[i].child = Some(child);
+    }
+
+    /// The etcd client URLs, member 0 first (for pgleader's `[etcd] endpoints`).
+    pub fn etcd_endpoints(&self) -> Vec<String> {
+        self.etcd.iter().map(|m| format!("http://127.0.0.1:{}", m.client_port)).collect()
+    }
+
+    /// Stops etcd member `i` with SIGTERM (a leader hands its leadership over) and waits until it
+    /// has exited.
+    pub async fn stop_etcd(&mut self, i: usize) {
+        let Some(mut child) = self.etcd[i].child.take() else { return };
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while child.try_wait().expect("wait etcd").is_none() {
+            if tokio::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("etcd member e{i} did not stop within {PATIENCE:?} of SIGTERM");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Starts etcd member `i` again after [`PatroniCluster::stop_etcd`] (same ports, same data) and waits until it answers a quorum
+    /// read.
+    pub async fn restart_etcd(&mut self, i: usize) {
+        assert!(self.etcd[i].child.is_none(), "etcd member e{i} runs");
+        self.spawn_etcd_member(&etcd_bin(), i);
+        let endpoint = format!("127.0.0.1:{}", self.etcd[i].client_port);
+        eventually(PATIENCE, &format!("etcd member e{i} healthy"), || async {
+            let out = etcdctl(&endpoint, &["endpoint", "health", "--command-timeout=1s"]).await;
+            out.ok().map(|_| ())
+        })
+        .await;
+    }
+
+    /// The value of Patroni's leader key (`/service/<scope>/leader`) by a quorum read through
+    /// any member that answers, or `None` when the key is absent or no member answers.
+    pub async fn leader_key(&self) -> Option<String> {
+        let endpoints = self.etcd.iter().map(|m| format!("127.0.0.1:{}", m.client_port)).collect::<Vec<_>>().join(",");
+        let key = format!("/service/{}/leader", self.scope);
+        let out = etcdctl(&endpoints, &["get", &key, "--print-value-only", "--command-timeout=1s"]).await.ok()?;
+        Some(out.trim().to_owned()).filter(|v| !v.is_empty())
     }
 
     fn etcd_log(&self, i: usize) -> PathBuf {
@@ -463,7 +523,7 @@ impl PatroniCluster {
         loop {
             let mut listening = 0;
             for (i, m) in self.etcd.iter_mut().enumerate() {
-                if !matches!(m.child.try_wait(), Ok(None)) {
+                if !m.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None))) {
                     let logs: Vec<String> =
                         (0..3).map(|j| tail(&self.dir.path().join(format!("etcd{j}.log")), 20)).collect();
                     return Err(format!("etcd member e{i} exited:\n{}", logs.join("\n")));
@@ -624,9 +684,50 @@ impl PatroniCluster {
         node.frozen.extend(pids);
     }
 
-    /// SIGCONT what [`PatroniCluster::freeze`] stopped.
+    /// SIGCONT what [`PatroniCluster::freeze`] or [`PatroniCluster::freeze_postgres`] stopped.
     pub fn thaw(&mut self, name: &str) {
         self.node_mut(name).thaw();
+    }
+
+    /// Patroni dies (SIGKILL: an OOM kill, a crash) while its PostgreSQL keeps running: the
+    /// leader key is no longer renewed and expires after `ttl`.
+    pub fn kill_patroni(&mut self, name: &str) {
+        let node = self.node_mut(name);
+        if let Some(mut child) = node.patroni.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGSTOP the node's PostgreSQL only (Patroni and its REST API keep answering).
+    pub fn freeze_postgres(&mut self, name: &str) {
+        let node = self.node_mut(name);
+        let pids = node.signal_postgres(Signal::SIGSTOP);
+        node.frozen.extend(pids);
+    }
+
+    /// Changes Patroni's dynamic configuration (`PATCH /config` on a node's REST API), e.g.
+    /// `{"failsafe_mode": true}`, and waits until the leader's `GET /config` shows it.
+    pub async fn patch_config(&self, patch: serde_json::Value) {
+        let node = &self.nodes[0];
+        let body = patch.to_string();
+        let mut stream = tokio::net::TcpStream::connect(node.api_addr()).await.expect("connect to Patroni's REST API");
+        let request = format!(
+            "PATCH /config HTTP/1.0\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            node.api_addr(),
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.expect("send PATCH /config");
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer).await;
+        assert!(answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"), "PATCH /config: {answer}");
+        let want = patch.as_object().expect("a JSON object").clone();
+        eventually(PATIENCE, "Patroni's dynamic configuration changed", || async {
+            let (code, text) = http_get(node.api_addr(), "/config").await.ok()?;
+            let config: serde_json::Value = serde_json::from_str(&text).ok()?;
+            (code == 200 && want.iter().all(|(k, v)| &config[k] == v)).then_some(())
+        })
+        .await;
     }
 
     /// `patronictl switchover --leader <current> --candidate <candidate> --force`.
@@ -813,8 +914,10 @@ impl Drop for PatroniCluster {
             node.kill_all();
         }
         for m in &mut self.etcd {
-            let _ = m.child.kill();
-            let _ = m.child.wait();
+            if let Some(mut c) = m.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
         }
         // Anything still running from our dir (a postmaster Patroni was starting when it was
         // killed, before it wrote postmaster.pid; a pg_rewind) would keep writing into it while
@@ -865,4 +968,24 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Str
     let (head, body) = text.split_once("\r\n\r\n").ok_or_else(bad)?;
     let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(bad)?;
     Ok((code, body.to_owned()))
+}
+
+/// `etcdctl` (v3 API) against `endpoints` (`host:port`, comma-separated); stdout.
+///
+/// # Errors
+/// etcdctl failed: its stderr.
+pub async fn etcdctl(endpoints: &str, args: &[&str]) -> Result<String, String> {
+    let out = tokio::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={endpoints}"))
+        .arg("--dial-timeout=1s")
+        .args(args)
+        .output()
+        .await
+        .map_err(|e| format!("run etcdctl: {e} (apt-get install -y etcd-client)"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
 }
