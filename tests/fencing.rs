@@ -384,10 +384,16 @@ async fn a_rolling_etcd_restart_goes_unnoticed_and_a_switchover_fails_no_connect
     w.wait_ok_since(Writer::LongLived, 0.0, 10, PATIENCE).await;
 
     // One member at a time, SIGTERM (a leader hands over), back before the next.
+    let reads = |s: &serde_json::Value| s["etcd"]["reads_ok"].as_u64().unwrap_or(0);
     for i in 0..3 {
+        let before = reads(&status(fenced_proxy.admin_addr).await);
         let at = w.mark(&format!("etcd e{i} restart"));
         cluster.stop_etcd(i).await;
+        // A few reads while the member is down, then a few after it is back.
+        wait_status(fenced_proxy.admin_addr, "reads with a member down", |s| reads(s) >= before + 3).await;
         cluster.restart_etcd(i).await;
+        let back = reads(&status(fenced_proxy.admin_addr).await);
+        wait_status(fenced_proxy.admin_addr, "reads after the restart", |s| reads(s) >= back + 2).await;
         w.wait_ok_since(Writer::NewConn, at, 10, PATIENCE).await;
     }
     w.wait_ok_since(Writer::LongLived, w.now_ms(), 10, PATIENCE).await;
