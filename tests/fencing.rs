@@ -88,7 +88,7 @@ async fn connect_app(proxy: SocketAddr) -> Result<tokio_postgres::Client, tokio_
 /// A client through pgleader that must be refused: its SQLSTATE and message.
 async fn refused(proxy: SocketAddr) -> (String, String) {
     let conn = connect_app(proxy).await;
-    let err = conn.err().expect("the client is refused");
+    let Err(err) = conn else { panic!("the client was admitted; it should have been refused") };
     let db = err.as_db_error().unwrap_or_else(|| panic!("a PostgreSQL error, got {err}"));
     (db.code().code().to_owned(), db.message().to_owned())
 }
