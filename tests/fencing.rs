@@ -372,7 +372,7 @@ async fn quorum_lost_under_patronis_failsafe_keeps_serving_while_every_backend_i
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rolling_etcd_restart_goes_unnoticed_and_a_switchover_fails_no_connect_fenced_or_not() {
+async fn a_rolling_etcd_restart_and_an_etcd_election_go_unnoticed_and_a_switchover_fails_no_connect_fenced_or_not() {
     let _serial = SERIAL.lock().await;
     let mut cluster = PatroniCluster::start(Replication::Async).await;
     workload::prepare(&cluster.leader_app_client().await).await.expect("workload table");
@@ -396,13 +396,25 @@ async fn a_rolling_etcd_restart_goes_unnoticed_and_a_switchover_fails_no_connect
         wait_status(fenced_proxy.admin_addr, "reads after the restart", |s| reads(s) >= back + 2).await;
         w.wait_ok_since(Writer::NewConn, at, 10, PATIENCE).await;
     }
+    // One etcd leader election at etcd's default timings (the harness's are the defaults):
+    // SIGKILL the raft leader, so the others elect one after an election timeout.
+    let leader = eventually(PATIENCE, "etcd has a leader", || cluster.etcd_leader()).await;
+    let killed = w.mark(&format!("etcd leader e{leader} killed"));
+    cluster.kill_etcd(leader);
+    let after_kill = reads(&status(fenced_proxy.admin_addr).await);
+    wait_status(fenced_proxy.admin_addr, "reads after the election", |s| reads(s) >= after_kill + 3).await;
+    w.wait_ok_since(Writer::NewConn, killed, 20, PATIENCE).await;
+    cluster.restart_etcd(leader).await;
     w.wait_ok_since(Writer::LongLived, w.now_ms(), 10, PATIENCE).await;
     let rolled = w.stop().await;
     let failures: Vec<&Attempt> = rolled.attempts.iter().filter(|a| a.outcome != Outcome::Ok).collect();
-    assert!(failures.is_empty(), "client errors during the rolling etcd restart: {failures:#?}");
+    assert!(failures.is_empty(), "client errors during the rolling etcd restart or the election: {failures:#?}");
     assert_eq!(metric(fenced_proxy.admin_addr, "pgleader_sessions_total{result=\"cut\"}").await, Some(0.0));
     let s = status(fenced_proxy.admin_addr).await;
-    eprintln!("rolling restart: {} reads ok, {} failed", s["etcd"]["reads_ok"], s["etcd"]["reads_failed"]);
+    eprintln!(
+        "rolling restart and a leader election: {} reads ok, {} failed; no client error, no session cut",
+        s["etcd"]["reads_ok"], s["etcd"]["reads_failed"]
+    );
 
     // A switchover, both pgleaders side by side.
     let (fw, sw) = (workload_via(&fenced_proxy, 1_000_000), workload_via(&sql_proxy, 2_000_000));

@@ -490,6 +490,31 @@ impl PatroniCluster {
         }
     }
 
+    /// SIGKILL etcd member `i` (a crash: no leadership handover).
+    pub fn kill_etcd(&mut self, i: usize) {
+        if let Some(mut child) = self.etcd[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The index of the member that is etcd's raft leader, as the members themselves say.
+    pub async fn etcd_leader(&self) -> Option<usize> {
+        for (i, m) in self.etcd.iter().enumerate().filter(|(_, m)| m.child.is_some()) {
+            let endpoint = format!("127.0.0.1:{}", m.client_port);
+            let Ok(out) = etcdctl(&endpoint, &["endpoint", "status", "-w", "json", "--command-timeout=1s"]).await
+            else {
+                continue;
+            };
+            let Ok(json) = serde_json::from_str::<serde_json::Value>(&out) else { continue };
+            let status = &json[0]["Status"];
+            if status["leader"].as_u64().is_some() && status["leader"] == status["header"]["member_id"] {
+                return Some(i);
+            }
+        }
+        None
+    }
+
     /// Starts etcd member `i` again after [`PatroniCluster::stop_etcd`] (same ports, same data) and waits until it answers a quorum
     /// read.
     pub async fn restart_etcd(&mut self, i: usize) {
