@@ -154,6 +154,37 @@ fn pgleader_job_renders_a_config_that_pgleader_accepts() {
     assert_eq!(backends, [format!("{OPTIPLEX}:5432"), format!("{EPYC}:5432")]);
     assert_eq!(config.health.user, "pgleader");
 
+    // Fencing: the etcd endpoints are the etcd job's members and the ones Patroni uses; the
+    // scope, namespace and member names are Patroni's (timescaledb-ha job).
+    let etcd = config.etcd.as_ref().expect("the job fences with [etcd]");
+    assert_eq!(etcd.mode, pgleader::config::EtcdMode::Enforce);
+    let members = [OPTIPLEX, EPYC, MACMINI].map(|ip| format!("http://{ip}:2379"));
+    assert_eq!(etcd.endpoints, members, "the three members of {ETCD_JOB}");
+    let patroni = read("deploy/nomad/jobs/timescaledb-ha.nomad.hcl");
+    let env = |key: &str| -> Option<String> {
+        patroni.lines().find_map(|l| {
+            let (k, v) = l.trim().split_once('=')?;
+            (k.trim() == key).then(|| v.trim().trim_matches('"').to_owned())
+        })
+    };
+    let hosts: Vec<String> =
+        env("PATRONI_ETCD3_HOSTS").expect("PATRONI_ETCD3_HOSTS").split(',').map(|h| format!("http://{h}")).collect();
+    assert_eq!(etcd.endpoints, hosts, "pgleader reads the etcd Patroni writes to");
+    assert_eq!(Some(etcd.scope.clone()), env("PATRONI_SCOPE"), "Patroni's scope");
+    assert_eq!(env("PATRONI_NAMESPACE"), None, "Patroni runs in its default namespace...");
+    assert_eq!(etcd.namespace.trim_matches('/'), "service", "...which is /service/");
+    assert_eq!(env("PATRONI_NAME").as_deref(), Some("${node.unique.name}"), "Patroni's member name is the node name");
+    assert!(
+        patroni.contains(r#"value     = "^(optiplex|epyc)$""#),
+        "timescaledb-ha runs on the nodes named optiplex and epyc"
+    );
+    for (b, ip) in config.backend.iter().zip([OPTIPLEX, EPYC]) {
+        assert_eq!(b.address.host, ip);
+        assert_eq!(b.member(), b.name, "{}: the member is the node's name", b.name);
+        assert!(b.verify_conn_url, "{}: conn_url is checked", b.name);
+    }
+    assert!(etcd.timeout < config.health.interval && config.health.interval + etcd.timeout < etcd.max_staleness);
+
     // kill_timeout covers the drain: shutdown_grace + 5 s, and within max_kill_timeout (30 s).
     let kill_timeout = duration(&text(&j.task().body, "kill_timeout"));
     let grace = config.proxy.shutdown_grace;

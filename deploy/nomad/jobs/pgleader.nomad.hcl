@@ -162,13 +162,25 @@ password_file = "{{ env "NOMAD_SECRETS_DIR" }}/health_password"
 format = "json"
 filter = "info"
 
+[etcd]
+# Fencing with Patroni's leader lease (README, "Fencing"): a backend leads only while a quorum read
+# of /service/vietmarket/leader names its member. The three members of deploy/nomad/jobs/etcd.nomad.hcl.
+endpoints = ["http://100.83.150.39:2379", "http://100.103.201.10:2379", "http://100.100.5.40:2379"]
+namespace = "service"         # Patroni's default namespace (the timescaledb-ha job sets none)
+scope = "vietmarket"          # PATRONI_SCOPE in deploy/nomad/jobs/timescaledb-ha.nomad.hcl
+timeout = "500ms"             # one read, across endpoints; below [health] interval
+max_staleness = "3s"          # one confirmation lasts at most this; above interval + timeout
+mode = "enforce"              # "observe" to roll out: decide and report, route as SQL alone
+
 [[backend]]
 name = "optiplex"
 address = "100.83.150.39:5432"
+member = "optiplex"
 
 [[backend]]
 name = "epyc"
 address = "100.103.201.10:5432"
+member = "epyc"
 EOF
       }
 
