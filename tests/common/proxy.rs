@@ -15,6 +15,8 @@ pub struct ProxyBuilder {
     backends: Vec<(String, String)>,
     proxy: Vec<(String, String)>,
     health: Vec<(String, String)>,
+    /// Whole sections added verbatim (e.g. `[etcd]`).
+    sections: Vec<String>,
 }
 
 impl ProxyBuilder {
@@ -24,7 +26,7 @@ impl ProxyBuilder {
 
     /// Backends by (name, "host:port"), for addresses that are not harness nodes.
     pub fn with_addresses(backends: Vec<(String, String)>) -> ProxyBuilder {
-        let mut b = ProxyBuilder { backends, proxy: Vec::new(), health: Vec::new() };
+        let mut b = ProxyBuilder { backends, proxy: Vec::new(), health: Vec::new(), sections: Vec::new() };
         b = b
             .proxy("shutdown_grace", "1s")
             .proxy("leader_wait_timeout", "5s")
@@ -47,6 +49,12 @@ impl ProxyBuilder {
         self
     }
 
+    /// Adds a whole section, verbatim (a `[table]` header and its keys).
+    pub fn section(mut self, text: &str) -> ProxyBuilder {
+        self.sections.push(text.to_owned());
+        self
+    }
+
     pub fn toml(&self) -> String {
         let value =
             |v: &str| if v.parse::<f64>().is_ok() || v.starts_with('[') { v.to_owned() } else { format!("{v:?}") };
@@ -57,6 +65,10 @@ impl ProxyBuilder {
         t += "[admin]\nlisten = \"127.0.0.1:0\"\n[health]\n";
         for (k, v) in &self.health {
             t += &format!("{k} = {}\n", value(v));
+        }
+        for section in &self.sections {
+            t += section;
+            t += "\n";
         }
         for (name, addr) in &self.backends {
             t += &format!("[[backend]]\nname = {name:?}\naddress = {addr:?}\n");

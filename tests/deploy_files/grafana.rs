@@ -22,10 +22,16 @@ pub const EXPORTED_METRICS: &[&str] = &[
     "pgleader_leader_wait_seconds",
     "pgleader_config_reloads_total",
     "pgleader_build_info",
+    "pgleader_etcd_up",
+    "pgleader_etcd_leader",
+    "pgleader_etcd_confirmation_age_seconds",
+    "pgleader_etcd_read_duration_seconds",
+    "pgleader_etcd_failsafe_fallback",
 ];
 
 /// The histograms among [`EXPORTED_METRICS`], queried through `_bucket`, `_sum` and `_count`.
-pub const HISTOGRAMS: &[&str] = &["pgleader_health_check_duration_seconds", "pgleader_leader_wait_seconds"];
+pub const HISTOGRAMS: &[&str] =
+    &["pgleader_health_check_duration_seconds", "pgleader_leader_wait_seconds", "pgleader_etcd_read_duration_seconds"];
 
 /// The metric families a dashboard queries: every `pgleader_*` name in its panel and template
 /// queries (`expr`, `query`, `definition`), with a histogram's `_bucket`/`_sum`/`_count` mapped
@@ -105,10 +111,16 @@ fn metric_extraction_is_not_fooled() {
     assert_eq!(names, want, "a non-histogram's _count stays as is (and is then reported as unknown)");
 }
 
-/// The metric families a live pgleader in front of a real PostgreSQL exports (`# TYPE` lines).
+/// The metric families a live pgleader in front of a real PostgreSQL exports (`# TYPE` lines),
+/// with `[etcd]` configured (in observe mode, an endpoint nobody listens on) so that the etcd
+/// metrics are exported too.
 async fn live_metric_families() -> BTreeSet<String> {
     let primary = crate::common::pg::PgNode::start_primary("metrics");
-    let proxy = crate::common::proxy::ProxyBuilder::new(&[&primary]).start().await;
+    let etcd = format!(
+        "[etcd]\nendpoints = [\"http://127.0.0.1:{}\"]\nscope = \"s\"\ntimeout = \"100ms\"\nmode = \"observe\"\n",
+        crate::common::free_port()
+    );
+    let proxy = crate::common::proxy::ProxyBuilder::new(&[&primary]).section(&etcd).start().await;
     crate::common::proxy::wait_leader(proxy.admin_addr, Some("metrics")).await;
     let (code, body) = crate::common::proxy::get(proxy.admin_addr, "/metrics").await;
     assert_eq!(code, 200);

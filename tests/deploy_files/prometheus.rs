@@ -122,6 +122,9 @@ fn every_alert_has_a_firing_and_a_resolved_test() {
         "PgleaderBackendDown",
         "PgleaderClientsWaiting",
         "PgleaderConnectionLimit",
+        "PgleaderEtcdUnreachable",
+        "PgleaderPrimaryNotConfirmed",
+        "PgleaderFailsafeFallback",
     ] {
         assert!(alerts.contains(required), "alerts.yml lacks {required}");
     }
