@@ -644,7 +644,13 @@ impl Supervisor {
         for m in &restart {
             self.spawn_checker(m);
         }
-        if self.etcd.as_ref().map(|(_, e)| e) != self.config.etcd.as_ref() || health_changed {
+        // The mode and max_staleness are policy (below); anything else in [etcd] is how to read.
+        let how = |e: &crate::config::EtcdConfig| crate::config::EtcdConfig {
+            mode: crate::config::EtcdMode::Enforce,
+            max_staleness: std::time::Duration::ZERO,
+            ..e.clone()
+        };
+        if self.etcd.as_ref().map(|(_, e)| how(e)) != self.config.etcd.as_ref().map(how) || health_changed {
             // Another cluster, other endpoints or another pace: a new reader, a fresh view.
             self.start_etcd()?;
             self.etcd_generation += 1;

@@ -148,6 +148,26 @@ async fn steady_state_observe_mode_and_bad_surroundings() {
     assert_eq!(s["etcd"]["enforced_leader"], serde_json::Value::Null);
     let c = connect_app(watching.proxy_addr).await.expect("observe mode routes");
     c.simple_query("SELECT 1").await.unwrap();
+    // A reload to enforce (SIGHUP does the same from the file) applies at once: that session is
+    // cut for the lease, and no leader remains.
+    let enforce = etcd_section(&cluster.etcd_endpoints(), &cluster.scope, "mode = \"enforce\"\n");
+    let mut config = pgleader::Config::from_toml(
+        &format!(
+            "[proxy]\nlisten = \"{}\"\n[admin]\nlisten = \"{}\"\n{enforce}\n{}",
+            watching.proxy_addr,
+            watching.admin_addr,
+            cluster.pgleader_toml().split("\n[[backend]]").next().unwrap_or_default().to_owned() + "\n" + &swapped
+        ),
+        "<reload>",
+    )
+    .expect("reload config");
+    config.proxy.leader_wait_timeout = Duration::from_secs(10);
+    let diff = watching.reload(config).await.expect("reload to enforce");
+    assert!(diff.hot.contains(&"etcd"), "{diff:?}");
+    let s = wait_routed(watching.admin_addr, None).await;
+    assert_eq!((s["etcd"]["mode"].as_str(), s["reason"].as_str()), (Some("enforce"), Some("lease_not_confirmed")));
+    assert!(s["etcd"]["reads_ok"].as_u64() > Some(0), "a change of mode keeps the etcd view");
+    eventually(PATIENCE, "the observed session cut on reload", || async { c.is_closed().then_some(()) }).await;
 
     // Bad surroundings: each fails closed with a reason in /status and in the client's error.
     let nowhere = vec![format!("http://127.0.0.1:{}", common::free_port())];
