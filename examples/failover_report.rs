@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! failover_report collect --out docs/failover [--window 45] [--scenarios switchover,crash,hang]
-//!                         [--frontends pgleader,haproxy-tcp,haproxy-rest]
+//!                         [--frontends pgleader,pgleader-fenced,haproxy-tcp,haproxy-rest] [--append]
 //! failover_report render  --from docs/failover --doc docs/failover.md
 //! ```
 //! `scripts/failover-report` runs both (release build). `collect` writes, per run, the raw
@@ -20,7 +20,13 @@
 //! - hang: SIGSTOP node0's Patroni and PostgreSQL; SIGCONT once Patroni has a new leader.
 //!
 //! Front ends (all on 127.0.0.1, the apps' `sslmode=disable` plaintext):
-//! - `pgleader`: in-process, the shipped production settings (deploy/nomad/jobs/pgleader.nomad.hcl).
+//! - `pgleader`: in-process, the shipped production settings (deploy/nomad/jobs/pgleader.nomad.hcl)
+//!   without `[etcd]` (SQL only).
+//! - `pgleader-fenced`: the same with the job's `[etcd]` section (fencing with Patroni's leader
+//!   lease, `enforce`, timeout 500 ms, max_staleness 3 s) pointed at the cluster's etcd.
+//!
+//! `--append` adds runs to an existing `runs.json` (replacing runs of the same scenario and front
+//! end), so one front end can be measured without repeating the others.
 //! - `haproxy-tcp`: the runbook's HAProxy, plain TCP checks (`check`, HAProxy's default inter 2s
 //!   fall 3 rise 2), `balance first` so node0 takes every connection while its port is open and
 //!   node1 only while node0's is not, and no `shutdown-sessions`. The runbook's exact file is not
@@ -45,7 +51,7 @@ use common::patroni::{PatroniCluster, Replication, APP_DB, APP_PASSWORD, APP_USE
 use common::workload::{self, Attempt, Mark, Outcome, Run, Workload, WorkloadOptions, Writer};
 
 const SCENARIOS: [&str; 3] = ["switchover", "crash", "hang"];
-const FRONTENDS: [&str; 3] = ["pgleader", "haproxy-tcp", "haproxy-rest"];
+const FRONTENDS: [&str; 4] = ["pgleader", "pgleader-fenced", "haproxy-tcp", "haproxy-rest"];
 const FAULT_AT: Duration = Duration::from_secs(5);
 /// Above pgleader's leader_wait_timeout (10 s), so a held client is not counted as a timeout.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -126,7 +132,8 @@ fn main() -> Result<(), String> {
                 .enable_all()
                 .build()
                 .map_err(|e| format!("build runtime: {e}"))?;
-            rt.block_on(collect(&out, Duration::from_secs(window), &scenarios, &frontends))
+            let append = args.iter().any(|a| a == "--append");
+            rt.block_on(collect(&out, Duration::from_secs(window), &scenarios, &frontends, append))
         }
         Some("render") => {
             let from = PathBuf::from(opt("--from").unwrap_or_else(|| "docs/failover".to_owned()));
@@ -148,8 +155,21 @@ fn list(arg: Option<String>, all: &[&str]) -> Result<Vec<String>, String> {
     }
 }
 
-async fn collect(out: &Path, window: Duration, scenarios: &[String], frontends: &[String]) -> Result<(), String> {
+async fn collect(
+    out: &Path,
+    window: Duration,
+    scenarios: &[String],
+    frontends: &[String],
+    append: bool,
+) -> Result<(), String> {
     std::fs::create_dir_all(out).map_err(|e| format!("create {}: {e}", out.display()))?;
+    let earlier: Vec<RunMeta> = if append {
+        let text = std::fs::read_to_string(out.join("runs.json")).map_err(|e| format!("--append: runs.json: {e}"))?;
+        let old: Report = serde_json::from_str(&text).map_err(|e| format!("--append: runs.json: {e}"))?;
+        old.runs.into_iter().filter(|r| !(scenarios.contains(&r.scenario) && frontends.contains(&r.frontend))).collect()
+    } else {
+        Vec::new()
+    };
     let mut report = Report {
         machine: machine(),
         window_s: window.as_secs(),
@@ -160,7 +180,7 @@ async fn collect(out: &Path, window: Duration, scenarios: &[String], frontends: 
             common::patroni::LOOP_WAIT_SECS,
             common::patroni::RETRY_TIMEOUT_SECS
         ),
-        runs: Vec::new(),
+        runs: earlier,
     };
     // Scenario-major, front ends interleaved, so slow drift of the machine spreads evenly.
     for scenario in scenarios {
@@ -218,8 +238,16 @@ fn haproxy_config(kind: &str, port: u16, cluster: &PatroniCluster) -> String {
 
 impl FrontEnd {
     async fn start(kind: &str, cluster: &PatroniCluster) -> (FrontEnd, String) {
-        if kind == "pgleader" {
-            let toml = format!("{PGLEADER_TOML}{}", cluster.pgleader_toml().replacen("[health]\n", "", 1));
+        if kind == "pgleader" || kind == "pgleader-fenced" {
+            let mut toml = format!("{PGLEADER_TOML}{}", cluster.pgleader_toml().replacen("[health]\n", "", 1));
+            if kind == "pgleader-fenced" {
+                let endpoints = cluster.etcd_endpoints().iter().map(|e| format!("{e:?}")).collect::<Vec<_>>().join(", ");
+                toml += &format!(
+                    "\n[etcd]\nendpoints = [{endpoints}]\nnamespace = \"service\"\nscope = {:?}\ntimeout = \"500ms\"\n\
+                     max_staleness = \"3s\"\nmode = \"enforce\"\n",
+                    cluster.scope
+                );
+            }
             let config = pgleader::Config::from_toml(&toml, "<failover-report>").expect("valid pgleader config");
             let running = pgleader::start(config).await.expect("start pgleader");
             return (FrontEnd::Pgleader(running), toml);
@@ -589,7 +617,8 @@ fn title(scenario: &str) -> &'static str {
 
 fn label(frontend: &str) -> &'static str {
     match frontend {
-        "pgleader" => "pgleader",
+        "pgleader" => "pgleader (SQL only)",
+        "pgleader-fenced" => "pgleader fenced (etcd lease)",
         "haproxy-tcp" => "HAProxy TCP check (runbook)",
         _ => "HAProxy REST check (Patroni's recommendation)",
     }
