@@ -241,7 +241,8 @@ impl FrontEnd {
         if kind == "pgleader" || kind == "pgleader-fenced" {
             let mut toml = format!("{PGLEADER_TOML}{}", cluster.pgleader_toml().replacen("[health]\n", "", 1));
             if kind == "pgleader-fenced" {
-                let endpoints = cluster.etcd_endpoints().iter().map(|e| format!("{e:?}")).collect::<Vec<_>>().join(", ");
+                let endpoints =
+                    cluster.etcd_endpoints().iter().map(|e| format!("{e:?}")).collect::<Vec<_>>().join(", ");
                 toml += &format!(
                     "\n[etcd]\nendpoints = [{endpoints}]\nnamespace = \"service\"\nscope = {:?}\ntimeout = \"500ms\"\n\
                      max_staleness = \"3s\"\nmode = \"enforce\"\n",
@@ -505,7 +506,8 @@ fn render(from: &Path, doc: &Path) -> Result<(), String> {
          run. Workload for {} s per run: writer `new_conn` opens a new plaintext connection every {} ms and \
          inserts the next id; writer `long_lived` keeps one connection and reconnects after an error; an \
          attempt is abandoned after {} s. The fault comes at {} s. Front ends: **pgleader** with the shipped \
-         production settings; **HAProxy TCP** as the runbook had it (TCP `check`, inter 2s fall 3 rise 2, \
+         production settings, SQL only; **pgleader fenced** with the same and the job's `[etcd]` section \
+         (the leader lease, `enforce`, max_staleness 3 s); **HAProxy TCP** as the runbook had it (TCP `check`, inter 2s fall 3 rise 2, \
          `balance first`, no `shutdown-sessions`; the runbook's exact file is not in this repository); \
          **HAProxy REST** as Patroni recommends (`option httpchk OPTIONS /primary`, `inter 3s fall 3 rise 2 \
          on-marked-down shutdown-sessions`).\n",
@@ -515,6 +517,16 @@ fn render(from: &Path, doc: &Path) -> Result<(), String> {
         ATTEMPT_TIMEOUT.as_secs(),
         FAULT_AT.as_secs(),
     );
+    let starts: Vec<u128> = report.runs.iter().map(|r| r.started_unix_ms).collect();
+    let span_h = (starts.iter().max().unwrap_or(&0) - starts.iter().min().unwrap_or(&0)) as f64 / 3_600_000.0;
+    if span_h > 1.0 {
+        let _ = writeln!(
+            md,
+            "The runs were not collected in one sitting: they span {span_h:.1} hours (`--append` measures a front \
+             end later; the machine line above is the latest collect's, each run's start is in `runs.json`). \
+             Compare front ends within a scenario with that in mind.\n"
+        );
+    }
     let _ = writeln!(
         md,
         "Columns: *Patroni's new leader after* is the time from the fault until the harness saw \
