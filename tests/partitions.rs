@@ -16,8 +16,9 @@
 //! | no two primaries acknowledged pgleader's writes at overlapping times |
 //!
 //! What pgleader (SQL only) loses in this scenario is printed, not asserted: it is the baseline
-//! the etcd fencing of issue 11 must beat (with `PGLEADER_PARTITIONS_FENCED=1` the fenced
-//! column runs too, once that issue has landed, and its targets are asserted).
+//! the etcd fencing must beat. The fenced pgleader runs beside it (`PGLEADER_PARTITIONS_FENCED=0`
+//! leaves it out) and its targets are asserted: no lost write acknowledged after the first
+//! `max_staleness` of the partition, and fewer lost than HAProxy with Patroni's REST check.
 //!
 //! Needs root and `ip netns` (fails with that message otherwise, never skips), etcd, HAProxy,
 //! iptables and the pinned Patroni venv.
@@ -100,6 +101,40 @@ async fn isolate_the_leaders_node_async_every_front_end() {
         "baseline for the fencing (issue 11): pgleader SQL-only lost {} acknowledged writes; {} writes were acknowledged by the isolated {FIRST_LEADER} after the cut",
         pg.lost, after_cut
     );
+    if r.kinds().contains(&FrontEndKind::PgleaderFenced) {
+        // Targets of the fencing: a fenced pgleader's lost writes are at most those acknowledged
+        // in the first max_staleness of the partition (plus those acknowledged before it and not
+        // yet replicated), never one acknowledged later; and fewer than HAProxy REST's.
+        const MAX_STALENESS_MS: f64 = 3000.0;
+        let fenced = r.measures(FrontEndKind::PgleaderFenced);
+        let late: Vec<(f64, i64)> = r
+            .writers
+            .iter()
+            .filter(|w| w.front_end == FrontEndKind::PgleaderFenced)
+            .flat_map(|w| {
+                w.attempts
+                    .iter()
+                    .filter(|a| a.outcome == Outcome::Ok && w.lost.contains(&a.id))
+                    .map(move |a| (a.end_ms + w.offset_ms, a.id))
+            })
+            // 100 ms: the writers' clocks are sampled against the lab's (not a timing target).
+            .filter(|(at, _)| *at > r.fault_ms + MAX_STALENESS_MS + 100.0)
+            .collect();
+        let rest = r.measures(FrontEndKind::HaproxyRest);
+        let fenced_after_cut = scenario::acked(&r, FrontEndKind::PgleaderFenced)
+            .filter(|(w, a)| {
+                a.end_ms + w.offset_ms > r.fault_ms && a.node_port == Some(common::partition::pg_port(FIRST_LEADER))
+            })
+            .map(|(w, a)| a.end_ms + w.offset_ms - r.fault_ms)
+            .fold(0.0, f64::max);
+        eprintln!(
+            "fenced pgleader: lost {} (SQL-only {}, HAProxy REST {}); its last write on the isolated {FIRST_LEADER} \
+             {fenced_after_cut:.0} ms after the cut",
+            fenced.lost, pg.lost, rest.lost
+        );
+        assert!(late.is_empty(), "fenced pgleader lost writes acknowledged after max_staleness: {late:?}");
+        assert!(fenced.lost < rest.lost, "fenced pgleader must lose fewer writes than HAProxy REST in the same run");
+    }
     let failed_57p03 = r
         .writers
         .iter()

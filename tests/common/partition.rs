@@ -138,10 +138,10 @@ pub fn all_front_ends() -> Vec<FrontEnd> {
     ]
 }
 
-/// The default list: every front end but the fenced pgleader, which joins when
-/// `PGLEADER_PARTITIONS_FENCED=1` (once issue 11 has landed, make that the default).
+/// The default list: every front end, the fenced pgleader included. `PGLEADER_PARTITIONS_FENCED=0`
+/// leaves it out (to compare with runs made before fencing existed).
 pub fn default_front_ends() -> Vec<FrontEnd> {
-    let fenced = std::env::var("PGLEADER_PARTITIONS_FENCED").is_ok_and(|v| v == "1");
+    let fenced = std::env::var("PGLEADER_PARTITIONS_FENCED").map_or(true, |v| v != "0");
     all_front_ends().into_iter().filter(|f| fenced || f.kind != FrontEndKind::PgleaderFenced).collect()
 }
 
@@ -389,12 +389,7 @@ impl Lab {
                 let check = check.unwrap_or_else(|e| panic!("run {} check-config: {e}", pgleader.display()));
                 assert!(
                     check.status.success(),
-                    "{what}: pgleader rejects its config{}:\n{}",
-                    if fe.kind == FrontEndKind::PgleaderFenced {
-                        " (the fenced column needs the [etcd] section of issue 11)"
-                    } else {
-                        ""
-                    },
+                    "{what}: pgleader rejects its config:\n{}",
                     String::from_utf8_lossy(&check.stderr)
                 );
                 let args = vec!["--config".to_owned(), path.display().to_string()];
