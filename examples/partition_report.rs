@@ -469,8 +469,9 @@ every 50 ms, plus one long-lived connection that reconnects after an error; an a
 the four front ends see the same fault at the same instant. Front ends: **pgleader (SQL only)** with the shipped \
 settings; **HAProxy REST check** as Patroni's template (`option httpchk OPTIONS /primary`, `http-check expect status \
 200`, `inter 3s fall 3 rise 2 on-marked-down shutdown-sessions`); **HAProxy TCP check** as the runbook had it (`check`, \
-inter 2s fall 3 rise 2, `balance first`); the fenced pgleader of issue 11 is a config slot (an `[etcd]` section and \
-`member` keys) that joins once that issue has landed.\n\n\
+inter 2s fall 3 rise 2, `balance first`); **pgleader fenced with etcd**: the shipped settings plus the job's `[etcd]` \
+section (`mode = \"enforce\"`, `timeout = \"500ms\"`, `max_staleness = \"3s\"`) and `member` keys, reading the cluster's own \
+etcd members from its node.\n\n\
 Faults: *cut off* is the node's veth on the bridge set down (both directions, every peer); *asymmetric loss* is an \
 iptables DROP of everything arriving at optiplex (what it sends still arrives); *flapping* is optiplex's link down and \
 up every 2 s for 30 s; *latency* adds 100 ms to every packet each node sends to another (a round trip gains 200 ms). \

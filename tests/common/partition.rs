@@ -16,8 +16,7 @@
 //! Front ends are data ([`FrontEnd`]): on each database node one process of each kind, on its own
 //! port, with its own workload (the two writers of `super::workload`) connecting to its own
 //! node's address. The fenced pgleader of issue 11 is a config change ([`FrontEndKind::PgleaderFenced`]:
-//! an `[etcd]` section and `member` keys); it is in the list only on request, because today's
-//! pgleader rejects the unknown section.
+//! an `[etcd]` section and `member` keys).
 //!
 //! Timing (written down in every report): Patroni `ttl 20, loop_wait 1, retry_timeout 5` (the
 //! harness's, see `super::patroni`: Patroni 4 raises a ttl under 20 silently); etcd heartbeat
