@@ -11,7 +11,8 @@ use pgleader::topology::{
 
 fn backend(i: u32, in_recovery: bool, timeline: u32, now: Instant) -> Backend {
     let address = std::net::SocketAddr::from(([10, 0, 0, i as u8], 5432));
-    let probe = Probe { address, in_recovery, timeline: (!in_recovery).then_some(timeline), system_id: Some(42) };
+    let probe =
+        Probe { address, in_recovery, timeline: (!in_recovery).then_some(timeline), system_id: Some(42), wal: None };
     Backend {
         id: BackendId(i),
         name: format!("node{i}"),
@@ -24,7 +25,7 @@ fn backend(i: u32, in_recovery: bool, timeline: u32, now: Instant) -> Backend {
 
 fn bench(c: &mut Criterion) {
     let now = Instant::now();
-    let policy = Policy { rise: 1, fall: 3, stale_after: Duration::from_secs(10), fence: None };
+    let policy = Policy { rise: 1, fall: 3, stale_after: Duration::from_secs(10), fence: None, read: None };
     let pair = vec![backend(0, false, 1, now), backend(1, true, 0, now)];
     let three = vec![backend(0, false, 1, now), backend(1, true, 0, now), backend(2, true, 0, now)];
     let two_primaries = vec![backend(0, false, 1, now), backend(1, false, 2, now)];

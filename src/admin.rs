@@ -4,6 +4,9 @@
 //! - `/healthz`: liveness, 200 while the process and its event loop answer.
 //! - `/readyz`: readiness, 200 when a leader is routable and pgleader is not draining; else 503
 //!   with the reason as the body.
+//! - `/readyz/read`: the read-only listener's readiness, 200 while a read session can be served
+//!   (a replica in bounds, or the leader under `fallback = "leader"`); else 503 with the reason;
+//!   404 without `[read_only]`.
 //! - `/status`: JSON of the routing table: `leader`, `reason`, `epoch`, `draining`,
 //!   `config_generation`, and per backend its role, routability, timeline, system identifier,
 //!   check counters and last error. No secrets are ever part of it.
@@ -44,7 +47,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::topology::RoutingTable;
+use crate::topology::{Route, RoutingTable};
 
 /// A reload request from `POST /reload`: the reply is a summary or the error.
 pub type AdminReload = oneshot::Sender<Result<String, String>>;
@@ -59,6 +62,8 @@ pub struct AdminState {
     pub config_generation: Arc<AtomicU64>,
     /// To the supervisor, which re-reads the config file.
     pub reload: mpsc::Sender<AdminReload>,
+    /// The read-only listener's address, with `[read_only]`.
+    pub read_only_listen: Option<SocketAddr>,
 }
 
 /// The admin listener's accept loop.
@@ -240,6 +245,25 @@ pub async fn reload(state: &AdminState, peer: SocketAddr) -> Response<Full<Bytes
     }
 }
 
+/// `/readyz/read`: can the read-only listener serve a session now?
+fn read_ready(state: &AdminState) -> Response<Full<Bytes>> {
+    let table = state.routing.borrow().clone();
+    if table.read.is_none() {
+        return text(StatusCode::NOT_FOUND, "no [read_only] listener is configured\n");
+    }
+    if state.draining.is_cancelled() {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "not ready: draining (shutting down)\n");
+    }
+    let now = tokio::time::Instant::now().into_std();
+    match table.target(Route::Read, |_| 0, now).and_then(|t| table.backend(t.id)) {
+        Some(b) if table.leader == Some(b.id) => {
+            text(StatusCode::OK, &format!("ready: no replica in bounds, fallback to the leader {}\n", b.name))
+        }
+        Some(b) => text(StatusCode::OK, &format!("ready: replica {} in bounds\n", b.name)),
+        None => text(StatusCode::SERVICE_UNAVAILABLE, &format!("not ready: {}\n", table.read_refusal())),
+    }
+}
+
 /// The read-only endpoints.
 pub fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<Bytes>> {
     if path == "/reload" {
@@ -261,6 +285,7 @@ pub fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<B
                 ),
             }
         }
+        "/readyz/read" => read_ready(state),
         "/status" => with_type(StatusCode::OK, status_json(state), "application/json"),
         "/" => with_type(StatusCode::OK, crate::admin::page::render(&snapshot(state)), "text/html; charset=utf-8"),
         "/metrics" => with_type(StatusCode::OK, state.metrics.encode(), "text/plain; version=0.0.4"),
@@ -306,13 +331,14 @@ mod tests {
             draining: CancellationToken::new(),
             config_generation: Arc::new(AtomicU64::new(1)),
             reload: mpsc::channel(1).0,
+            read_only_listen: None,
         }
     }
 
     fn with_leader() -> RoutingTable {
         let now = Instant::now();
         let address = "127.0.0.1:5432".parse().unwrap();
-        let probe = Probe { address, in_recovery: false, timeline: Some(3), system_id: Some(u64::MAX) };
+        let probe = Probe { address, in_recovery: false, timeline: Some(3), system_id: Some(u64::MAX), wal: None };
         let backends = [Backend {
             id: BackendId(0),
             name: "a".into(),
@@ -321,7 +347,7 @@ mod tests {
             verify_conn_url: true,
             state: BackendState::default().observe(&Observation::Checked(probe), now),
         }];
-        let policy = Policy { rise: 1, fall: 3, stale_after: Duration::from_secs(10), fence: None };
+        let policy = Policy { rise: 1, fall: 3, stale_after: Duration::from_secs(10), fence: None, read: None };
         decide(&RoutingTable::initial(), &backends, None, &policy, now)
     }
 
@@ -357,7 +383,7 @@ mod tests {
         use crate::topology::{FenceMode, FencePolicy};
         let now = Instant::now();
         let address = "127.0.0.1:5432".parse().unwrap();
-        let probe = Probe { address, in_recovery: false, timeline: Some(3), system_id: Some(7) };
+        let probe = Probe { address, in_recovery: false, timeline: Some(3), system_id: Some(7), wal: None };
         let backends = [Backend {
             id: BackendId(0),
             name: "a".into(),
@@ -379,7 +405,7 @@ mod tests {
         };
         let view = LeaseView::default().observe(&LeaseEvent::Read(read), Duration::from_secs(3));
         let fence = Some(FencePolicy { mode: FenceMode::Enforce, max_staleness: Duration::from_secs(3) });
-        let policy = Policy { rise: 1, fall: 3, stale_after: Duration::from_secs(10), fence };
+        let policy = Policy { rise: 1, fall: 3, stale_after: Duration::from_secs(10), fence, read: None };
         let table = decide(&RoutingTable::initial(), &backends, Some(&view), &policy, now);
         let s = state_with(table);
         let (_, text) = body(route(&s, &Method::GET, "/status"));

@@ -1,8 +1,9 @@
 //! The composition root: builds every task from a [`Config`], wires their channels, and runs the
 //! drain and reload sequences. `main` and the integration tests share [`start`].
 //!
-//! Startup: bind the proxy and admin listeners first (fail fast), then spawn one health checker per
-//! backend, the elector, the admin server and the accept loop.
+//! Startup: bind the proxy, read-only (`[read_only]`) and admin listeners first (fail fast), then
+//! spawn one health checker per backend, the elector, the admin server and the accept loops (one
+//! per listener, in one task: the end of either is fatal).
 //!
 //! Fencing (`[etcd]`): one etcd reader task ([`EtcdWatcher`]) reports what it reads; `app`
 //! turns each report into a [`LeaseEvent`] for the elector (and times the reads). A reload that
@@ -48,12 +49,15 @@ use crate::proxy::{self, Proxy, ProxySettings, Sessions, Shared};
 use crate::signals::{SignalEvent, Signals};
 use crate::task;
 use crate::topology::lease::{LeaderLease, LeaseEvent, LeaseRead, MemberEntry, PatroniConfig};
-use crate::topology::{BackendId, FenceMode, FencePolicy, Observation, Policy, Report, RoutingTable, Source};
+use crate::topology::read::{ReadFallback, ReadPolicy};
+use crate::topology::{BackendId, FenceMode, FencePolicy, Observation, Policy, Report, Route, RoutingTable, Source};
 
 /// A running pgleader. Dropping it does not stop it; call [`Running::shutdown`].
 pub struct Running {
     /// The address the proxy listener bound (useful with port 0).
     pub proxy_addr: SocketAddr,
+    /// The read-only listener's address, with `[read_only]`.
+    pub read_only_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
     draining: CancellationToken,
     reload_tx: mpsc::Sender<ReloadRequest>,
@@ -143,7 +147,16 @@ async fn start_inner(config: Config, config_path: Option<PathBuf>) -> anyhow::Re
     let admin_listener = TcpListener::bind(config.admin.listen)
         .await
         .with_context(|| format!("bind admin listener {}", config.admin.listen))?;
+    let read_listener = match &config.read_only {
+        Some(r) => Some(
+            proxy::bind(r.listen, config.proxy.max_connections)
+                .with_context(|| format!("bind read-only listener {}", r.listen))?,
+        ),
+        None => None,
+    };
     let proxy_addr = listener.local_addr().context("read proxy listener address")?;
+    let read_only_addr =
+        read_listener.as_ref().map(TcpListener::local_addr).transpose().context("read read-only listener address")?;
     let admin_addr = admin_listener.local_addr().context("read admin listener address")?;
     let password = config.health_password().map_err(anyhow::Error::msg).context("read the health-check password")?;
     let tls = health::tls_connector(config.health.sslmode, config.health.ca_file.as_deref())
@@ -152,6 +165,7 @@ async fn start_inner(config: Config, config_path: Option<PathBuf>) -> anyhow::Re
 
     let names: Vec<String> = config.backend.iter().map(|b| b.name.clone()).collect();
     let metrics = Arc::new(Metrics::new(&names));
+    metrics.set_read_enabled(config.read_only.is_some());
     let (table_tx, table_rx) = watch::channel(Arc::new(RoutingTable::initial()));
     let (reports_tx, reports_rx) = mpsc::channel::<Report>(1024);
     let (settings_tx, settings_rx) = watch::channel(Arc::new(proxy_settings(&config)));
@@ -211,6 +225,7 @@ async fn start_inner(config: Config, config_path: Option<PathBuf>) -> anyhow::Re
             draining: draining.clone(),
             config_generation,
             reload: admin_reload_tx,
+            read_only_listen: read_only_addr,
         }),
         stop: background.clone(),
     };
@@ -219,26 +234,39 @@ async fn start_inner(config: Config, config_path: Option<PathBuf>) -> anyhow::Re
         "admin server"
     });
     let tracker = TaskTracker::new();
-    let proxy = Proxy {
+    let shared = Arc::new(Shared {
+        routing: table_rx,
+        settings: settings_rx,
+        reports: reports_tx,
+        metrics,
+        hard_stop: hard_stop.clone(),
+        sessions: Sessions::default(),
+    });
+    let accept = |listener, route| Proxy {
         listener,
-        shared: Arc::new(Shared {
-            routing: table_rx,
-            settings: settings_rx,
-            reports: reports_tx,
-            metrics,
-            hard_stop: hard_stop.clone(),
-            sessions: Sessions::default(),
-        }),
-        limit,
+        route,
+        shared: Arc::clone(&shared),
+        limit: Arc::clone(&limit),
         stop_accepting: draining.clone(),
         tracker: tracker.clone(),
     };
-    let accept_loop = tokio::spawn(proxy.run());
-    tracing::info!(proxy = %proxy_addr, admin = %admin_addr, backends = ?names, "pgleader started");
+    let main_loop = accept(listener, Route::Write).run();
+    let read_loop = read_listener.map(|l| accept(l, Route::Read).run());
+    let accept_loop = tokio::spawn(async move {
+        match read_loop {
+            // Either ending ends both: the supervisor treats it as fatal unless draining.
+            Some(read_loop) => tokio::select! {
+                () = main_loop => {}
+                () = read_loop => {}
+            },
+            None => main_loop.await,
+        }
+    });
+    tracing::info!(proxy = %proxy_addr, read_only = ?read_only_addr, admin = %admin_addr, backends = ?names, "pgleader started");
 
     let drain = Drain { draining: draining.clone(), hard_stop, tracker, accept_loop, accept_done: false };
     let supervisor = tokio::spawn(sup.run(drain, reload_rx, admin_reload_rx));
-    Ok(Running { proxy_addr, admin_addr, draining, reload_tx, supervisor })
+    Ok(Running { proxy_addr, read_only_addr, admin_addr, draining, reload_tx, supervisor })
 }
 
 /// Runs pgleader until SIGTERM/SIGINT, reloading `config_path` on SIGHUP. Used by `main`.
@@ -296,7 +324,15 @@ fn policy(config: &Config) -> Policy {
         },
         max_staleness: e.max_staleness,
     });
-    Policy { rise: h.rise, fall: h.fall, stale_after, fence }
+    let read = config.read_only.as_ref().map(|r| ReadPolicy {
+        max_lag_bytes: r.max_lag_bytes,
+        max_lag: r.max_lag,
+        fallback: match r.fallback {
+            crate::config::ReadFallbackConfig::Leader => ReadFallback::Leader,
+            crate::config::ReadFallbackConfig::Refuse => ReadFallback::Refuse,
+        },
+    });
+    Policy { rise: h.rise, fall: h.fall, stale_after, fence, read }
 }
 
 /// The etcd reader's settings from `[etcd]` and `[health]`'s pace.
@@ -605,6 +641,11 @@ impl Supervisor {
         applied.proxy.listen = self.config.proxy.listen;
         applied.admin.listen = self.config.admin.listen;
         applied.log = self.config.log.clone();
+        // The read-only listener stays as it was bound; only its bounds and fallback change.
+        match (&mut applied.read_only, &self.config.read_only) {
+            (Some(new), Some(old)) => new.listen = old.listen,
+            _ => applied.read_only = self.config.read_only.clone(),
+        }
         let health_changed = self.config.health != applied.health || self.password != password;
         self.config = applied;
         self.password = password;

@@ -299,7 +299,9 @@ impl Elector {
                 m.backend_role.with_label_values(&[name, role.as_str()]).set(i64::from(view.role == role));
             }
             m.leader.with_label_values(&[name]).set(i64::from(table.leader == Some(view.id)));
+            m.set_replica_lag(name, view.lag.map(|l| (l.bytes, l.time.as_secs_f64())));
         }
+        m.replicas_in_bounds.set(table.backends.iter().filter(|b| b.readable).count() as i64);
         m.split_brain.set(i64::from(table.reason.is_split_brain()));
         if let Some(f) = &table.fence {
             m.etcd_up.set(i64::from(f.view.reachable));

@@ -35,14 +35,22 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{HostPort, Secret, SslMode};
 use crate::metrics::Metrics;
+use crate::topology::read::{parse_lsn, Wal};
 use crate::topology::{BackendId, Observation, Probe, Report, RoutingTable, Source};
 
 /// The probe. `pg_is_in_recovery()` is read once (the subquery with a volatile function is not
 /// flattened), so the timeline column cannot disagree with it; `pg_walfile_name` raises an error
 /// on a standby, hence the CASE. The timeline is the first 8 hex digits of the current WAL file
 /// name (DESIGN.md rule 6): `pg_control_checkpoint()` lags a promotion until the next checkpoint.
-const PROBE_SQL: &str = "SELECT r, CASE WHEN r THEN NULL ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END \
-                         FROM (SELECT pg_is_in_recovery() AS r) AS s";
+/// For lag (rule 10) it also reads the WAL position: a primary's current LSN (read after its
+/// timeline, so never older than it), a replica's replay (else receive) LSN, and its WAL
+/// receiver's state and timeline (visible with pg_monitor; otherwise NULL: not streaming).
+const PROBE_SQL: &str =
+    "SELECT r, CASE WHEN r THEN NULL ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END, \
+                         (CASE WHEN r THEN COALESCE(pg_last_wal_replay_lsn(), pg_last_wal_receive_lsn()) \
+                         ELSE pg_current_wal_lsn() END)::text, w.status = 'streaming', w.received_tli \
+                         FROM (SELECT pg_is_in_recovery() AS r) AS s \
+                         LEFT JOIN (SELECT status, received_tli FROM pg_stat_wal_receiver) AS w ON true";
 /// Read once per connection: timelines are comparable only within one system.
 const SYSTEM_ID_SQL: &str = "SELECT system_identifier FROM pg_control_system()";
 
@@ -265,18 +273,12 @@ impl Checker {
         let Some(s) = session.as_ref() else { return Outcome::Failed("no health connection".to_owned()) };
         let (address, system_id) = (s.address, s.system_id);
         match s.client.query_one(&s.probe, &[]).await {
-            Ok(row) => {
-                let parsed = row.try_get::<_, bool>(0).and_then(|r| Ok((r, row.try_get::<_, Option<String>>(1)?)));
-                match parsed {
-                    Ok((true, _)) => Outcome::Probe(Probe { address, in_recovery: true, timeline: None, system_id }),
-                    Ok((false, Some(hex))) => match u32::from_str_radix(&hex, 16) {
-                        Ok(tl) => Outcome::Probe(Probe { address, in_recovery: false, timeline: Some(tl), system_id }),
-                        Err(_) => Outcome::Failed(format!("unexpected timeline `{hex}` from the probe")),
-                    },
-                    Ok((false, None)) => Outcome::Failed("the probe returned no timeline for a primary".to_owned()),
-                    Err(e) => Outcome::Failed(format!("unexpected probe result: {e}")),
+            Ok(row) => match parse_probe(&row) {
+                Ok((in_recovery, timeline, wal)) => {
+                    Outcome::Probe(Probe { address, in_recovery, timeline, system_id, wal })
                 }
-            }
+                Err(e) => Outcome::Failed(e),
+            },
             Err(e) if s.client.is_closed() || e.is_closed() => {
                 *session = None;
                 Outcome::Lost(format!("health connection lost: {}", describe(&e)))
@@ -396,4 +398,21 @@ fn describe(e: &tokio_postgres::Error) -> String {
             msg
         }
     }
+}
+/// The probe's row: recovery, a primary's timeline, and the WAL position (`None` when the row
+/// has none: the check still counts, the backend just takes no read sessions).
+fn parse_probe(row: &tokio_postgres::Row) -> Result<(bool, Option<u32>, Option<Wal>), String> {
+    let bad = |e: tokio_postgres::Error| format!("unexpected probe result: {e}");
+    let in_recovery: bool = row.try_get(0).map_err(bad)?;
+    let timeline = match row.try_get::<_, Option<String>>(1).map_err(bad)? {
+        _ if in_recovery => None,
+        Some(hex) => {
+            Some(u32::from_str_radix(&hex, 16).map_err(|_| format!("unexpected timeline `{hex}` from the probe"))?)
+        }
+        None => return Err("the probe returned no timeline for a primary".to_owned()),
+    };
+    let lsn = row.try_get::<_, Option<String>>(2).map_err(bad)?.as_deref().and_then(parse_lsn);
+    let streaming = row.try_get::<_, Option<bool>>(3).map_err(bad)?.unwrap_or(false);
+    let receive_timeline = row.try_get::<_, Option<i32>>(4).map_err(bad)?.and_then(|t| u32::try_from(t).ok());
+    Ok((in_recovery, timeline, lsn.map(|lsn| Wal { lsn, streaming, receive_timeline })))
 }

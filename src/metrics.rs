@@ -46,10 +46,12 @@ pub enum SessionResult {
     CancelFailed,
     /// A CancelRequest while no backend holds a session of this pgleader: nothing to cancel.
     CancelUnmatched,
+    /// The read-only listener had no replica in bounds (and no fallback) in time: 57P03.
+    NoReplica,
 }
 
 impl SessionResult {
-    pub const ALL: [SessionResult; 15] = [
+    pub const ALL: [SessionResult; 16] = [
         SessionResult::Ok,
         SessionResult::Cut,
         SessionResult::NoLeader,
@@ -65,6 +67,7 @@ impl SessionResult {
         SessionResult::CancelForwarded,
         SessionResult::CancelFailed,
         SessionResult::CancelUnmatched,
+        SessionResult::NoReplica,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -84,6 +87,7 @@ impl SessionResult {
             SessionResult::CancelForwarded => "cancel_forwarded",
             SessionResult::CancelFailed => "cancel_failed",
             SessionResult::CancelUnmatched => "cancel_unmatched",
+            SessionResult::NoReplica => "no_replica",
         }
     }
 }
@@ -93,7 +97,8 @@ pub const CHECK_RESULTS: [&str; 3] = ["ok", "failed", "lost"];
 /// Roles, as `topology::Role::as_str` spells them (this module may not import topology).
 pub const ROLES: [&str; 4] = ["unknown", "primary", "replica", "down"];
 /// The `reason` label of `pgleader_sessions_cut_total`, as `topology::CutReason::as_str` spells them.
-pub const CUT_REASONS: [&str; 6] = ["leader_changed", "recovery", "older_timeline", "down", "removed", "lease"];
+pub const CUT_REASONS: [&str; 8] =
+    ["leader_changed", "recovery", "older_timeline", "down", "removed", "lease", "lag", "other_system"];
 /// The `task` label of `pgleader_task_restarts_total`: background tasks restarted after a panic.
 pub const RESTARTED_TASKS: [&str; 2] = ["health_checker", "etcd_reader"];
 
@@ -106,7 +111,17 @@ pub struct Metrics {
     pub leader_changes: IntCounter,
     pub split_brain: IntGauge,
     pub clients_waiting: IntGauge,
+    /// Sessions of the main listener.
     pub sessions_active: IntGaugeVec,
+    /// Sessions of the read-only listener.
+    pub read_sessions_active: IntGaugeVec,
+    /// A replica's lag behind the leader, as pgleader over-estimates it (rule 10); only replicas
+    /// with a measured lag have a series.
+    pub replica_lag_bytes: IntGaugeVec,
+    pub replica_lag_seconds: prometheus::GaugeVec,
+    /// Replicas that may take new read sessions; exported only with `[read_only]`.
+    pub replicas_in_bounds: IntGauge,
+    read_registered: AtomicBool,
     pub sessions: IntCounterVec,
     pub sessions_cut: IntCounterVec,
     pub task_restarts: IntCounterVec,
@@ -167,6 +182,30 @@ impl Metrics {
                 "Client sessions spliced to a backend",
                 &["backend"],
             ),
+            read_sessions_active: gauge_vec(
+                "pgleader_read_sessions_active",
+                "Client sessions of the read-only listener spliced to a backend",
+                &["backend"],
+            ),
+            replica_lag_bytes: gauge_vec(
+                "pgleader_replica_lag_bytes",
+                "Bytes of WAL a replica's replay is behind the leader (over-estimated, never under)",
+                &["backend"],
+            ),
+            replica_lag_seconds: prometheus::GaugeVec::new(
+                Opts::new(
+                    "pgleader_replica_lag_seconds",
+                    "How long a replica's replay has stayed behind a leader position pgleader saw (0: caught up)",
+                ),
+                &["backend"],
+            )
+            .expect("valid metric"),
+            replicas_in_bounds: IntGauge::new(
+                "pgleader_replicas_in_bounds",
+                "Replicas within [read_only]'s lag bounds: they take new read-only sessions",
+            )
+            .expect("valid metric"),
+            read_registered: AtomicBool::new(false),
             sessions: IntCounterVec::new(
                 Opts::new("pgleader_sessions_total", "Client connections by how they ended"),
                 &["result"],
@@ -233,7 +272,7 @@ impl Metrics {
             etcd_registered: AtomicBool::new(false),
         };
         m.etcd_confirmation_age.set(f64::NAN);
-        let collectors: [Box<dyn prometheus::core::Collector>; 16] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 19] = [
             Box::new(m.backend_up.clone()),
             Box::new(m.backend_role.clone()),
             Box::new(m.leader.clone()),
@@ -241,6 +280,9 @@ impl Metrics {
             Box::new(m.split_brain.clone()),
             Box::new(m.clients_waiting.clone()),
             Box::new(m.sessions_active.clone()),
+            Box::new(m.read_sessions_active.clone()),
+            Box::new(m.replica_lag_bytes.clone()),
+            Box::new(m.replica_lag_seconds.clone()),
             Box::new(m.sessions.clone()),
             Box::new(m.sessions_cut.clone()),
             Box::new(m.task_restarts.clone()),
@@ -276,6 +318,7 @@ impl Metrics {
             self.backend_up.with_label_values(&[b]);
             self.leader.with_label_values(&[b]);
             self.sessions_active.with_label_values(&[b]);
+            self.read_sessions_active.with_label_values(&[b]);
             self.health_check_duration.with_label_values(&[b]);
             for role in ROLES {
                 self.backend_role.with_label_values(&[b, role]);
@@ -291,6 +334,9 @@ impl Metrics {
         let _ = self.backend_up.remove_label_values(&[backend]);
         let _ = self.leader.remove_label_values(&[backend]);
         let _ = self.sessions_active.remove_label_values(&[backend]);
+        let _ = self.read_sessions_active.remove_label_values(&[backend]);
+        let _ = self.replica_lag_bytes.remove_label_values(&[backend]);
+        let _ = self.replica_lag_seconds.remove_label_values(&[backend]);
         let _ = self.health_check_duration.remove_label_values(&[backend]);
         for role in ROLES {
             let _ = self.backend_role.remove_label_values(&[backend, role]);
@@ -324,6 +370,36 @@ impl Metrics {
         self.etcd_leader.reset();
         for m in members.iter().map(String::as_str).chain(["other"]) {
             self.etcd_leader.with_label_values(&[m]);
+        }
+    }
+
+    /// Exports (or stops exporting) `pgleader_replicas_in_bounds`, as `[read_only]` is configured.
+    pub fn set_read_enabled(&self, enabled: bool) {
+        let was = self.read_registered.swap(enabled, Ordering::SeqCst);
+        let c = || Box::new(self.replicas_in_bounds.clone());
+        match (was, enabled) {
+            (false, true) => drop(self.registry.register(c())),
+            (true, false) => drop(self.registry.unregister(c())),
+            _ => {}
+        }
+    }
+
+    /// Sets one backend's lag series; `None` removes them (not a replica, or not measured).
+    pub fn set_replica_lag(&self, backend: &str, lag: Option<(Option<u64>, f64)>) {
+        match lag {
+            Some((bytes, seconds)) => {
+                match bytes {
+                    Some(b) => {
+                        self.replica_lag_bytes.with_label_values(&[backend]).set(i64::try_from(b).unwrap_or(i64::MAX))
+                    }
+                    None => drop(self.replica_lag_bytes.remove_label_values(&[backend])),
+                }
+                self.replica_lag_seconds.with_label_values(&[backend]).set(seconds);
+            }
+            None => {
+                let _ = self.replica_lag_bytes.remove_label_values(&[backend]);
+                let _ = self.replica_lag_seconds.remove_label_values(&[backend]);
+            }
         }
     }
 

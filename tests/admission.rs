@@ -239,7 +239,12 @@ async fn a_cancel_reaches_a_session_kept_while_there_is_no_leader() {
     })
     .await;
     // Checks use their own database, so they can be broken without touching the session's.
-    let proxy = ProxyBuilder::new(&[&primary]).health("database", "hc").health("fall", "1000").start().await;
+    let proxy = ProxyBuilder::new(&[&primary])
+        .health("database", "hc")
+        .health("fall", "100")
+        .health("fast_interval", "200ms")
+        .start()
+        .await;
     let admin = proxy.admin_addr;
     wait_leader(admin, Some("cancel")).await;
     let (client, conn) =
@@ -295,8 +300,12 @@ async fn an_older_timeline_loses_its_sessions_while_the_newer_primary_is_still_r
     wait_leader(admin, Some("primary")).await;
     let old = connect_via(proxy.proxy_addr, "postgres").await.unwrap();
     old.simple_query("SELECT 1").await.unwrap();
-    // rise 1000 from now on: the promoted node cannot become routable during this test.
-    let mut config = ProxyBuilder::new(&[&cluster.primary, &cluster.replica]).health("rise", "1000").config();
+    // rise 100 (the maximum) at 200 ms from now on: the promoted node cannot become routable
+    // for 20 s, far longer than this test needs.
+    let mut config = ProxyBuilder::new(&[&cluster.primary, &cluster.replica])
+        .health("rise", "100")
+        .health("fast_interval", "200ms")
+        .config();
     config.proxy.listen = proxy.proxy_addr;
     config.admin.listen = proxy.admin_addr;
     proxy.reload(config).await.expect("reload rise");

@@ -43,9 +43,24 @@ pub fn render(status: &Status) -> Vec<u8> {
     if let Some(e) = &status.etcd {
         lease(&mut h, e);
     }
+    if let Some(r) = &status.read_only {
+        let _ = write!(
+            h,
+            "<h2>Read-only listener</h2><table><tr><th>address</th><td>{}</td></tr>\
+             <tr><th>new read sessions go to</th><td class=\"{}\">{}</td></tr>\
+             <tr><th>replicas in bounds</th><td>{} <small>(max {} bytes, {} ms; fallback {})</small></td></tr></table>",
+            esc(r.listen.as_deref().unwrap_or("-")),
+            if r.target.is_some() { "" } else { "err" },
+            esc(&r.target.clone().unwrap_or_else(|| format!("nowhere: {}", r.reason.as_deref().unwrap_or("")))),
+            r.replicas_in_bounds,
+            r.max_lag_bytes,
+            r.max_lag_ms,
+            r.fallback,
+        );
+    }
     h.push_str(
         "<h2>Backends</h2><table><tr><th>name</th><th>address</th><th>member</th><th>role</th><th>routable</th>\
-         <th>timeline</th><th>sessions</th><th>last check</th><th>checks</th><th>failures</th><th>last error</th></tr>",
+         <th>timeline</th><th>lag</th><th>sessions (main / read)</th><th>last check</th><th>checks</th><th>failures</th><th>last error</th></tr>",
     );
     for b in &status.backends {
         let class = match (b.leader, b.role) {
@@ -56,7 +71,7 @@ pub fn render(status: &Status) -> Vec<u8> {
         let _ = write!(
             h,
             "<tr class=\"{class}\"><td>{}{}</td><td>{}{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
-             <td>{}</td><td>{}</td><td>{} ({} in a row)</td><td class=\"err\">{}</td></tr>",
+             <td>{}</td><td>{} / {}</td><td>{}</td><td>{} ({} in a row)</td><td class=\"err\">{}</td></tr>",
             esc(&b.name),
             if b.leader { " &#9733;" } else { "" },
             esc(&b.address),
@@ -68,7 +83,9 @@ pub fn render(status: &Status) -> Vec<u8> {
             b.role,
             if b.routable { "yes" } else { "no" },
             b.timeline.map_or("-".to_owned(), |t| t.to_string()),
+            lag_cell(b),
             b.sessions_active,
+            b.read_sessions_active,
             b.last_check_ms.map_or("-".to_owned(), |ms| format!("{ms:.1} ms")),
             b.checks_total,
             b.failures_total,
@@ -103,6 +120,18 @@ pub fn render(status: &Status) -> Vec<u8> {
          <a href=\"/readyz\">/readyz</a></p></body></html>\n",
     );
     h.into_bytes()
+}
+
+/// A replica's lag (bytes / seconds) and, with `[read_only]`, whether it is in bounds.
+fn lag_cell(b: &super::status::BackendStatus) -> String {
+    let Some(seconds) = b.lag_seconds else { return "-".to_owned() };
+    let bytes = b.lag_bytes.map_or_else(|| "?".to_owned(), |n| n.to_string());
+    let bounds = match (b.in_read_bounds, b.read_block) {
+        (true, _) => " <small>in bounds</small>".to_owned(),
+        (false, Some(why)) => format!(" <small class=\"err\">{}</small>", esc(why)),
+        (false, None) => String::new(),
+    };
+    format!("{bytes} B / {seconds:.1} s{bounds}")
 }
 
 /// The leader lease as etcd shows it.

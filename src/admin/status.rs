@@ -9,7 +9,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::AdminState;
-use crate::topology::{FenceState, RoutingTable};
+use crate::topology::{FenceState, Route, RoutingTable};
 
 /// Everything `/status` and the status page show, taken from one table snapshot.
 #[derive(Serialize)]
@@ -27,6 +27,25 @@ pub struct Status {
     /// The leader lease as etcd shows it; absent without `[etcd]`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub etcd: Option<EtcdStatus>,
+    /// The read-only listener; absent without `[read_only]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read_only: Option<ReadOnlyStatus>,
+}
+
+/// Where read-only sessions go.
+#[derive(Serialize)]
+pub struct ReadOnlyStatus {
+    pub listen: Option<String>,
+    /// Where a new read session would go now (the replica in bounds with the fewest read
+    /// sessions, or the leader as the fallback).
+    pub target: Option<String>,
+    /// `leader` or `refuse`.
+    pub fallback: &'static str,
+    pub max_lag_bytes: u64,
+    pub max_lag_ms: u64,
+    pub replicas_in_bounds: usize,
+    /// Why no replica is in bounds, when none is.
+    pub reason: Option<String>,
 }
 
 /// What fencing sees and decides.
@@ -95,6 +114,14 @@ pub struct BackendStatus {
     pub member_problem: Option<String>,
     /// Fencing: milliseconds until its sessions end unless a read renews the confirmation.
     pub lease_valid_for_ms: Option<i64>,
+    /// A replica's lag behind the leader (over-estimated); absent for primaries.
+    pub lag_bytes: Option<u64>,
+    pub lag_seconds: Option<f64>,
+    /// A replica within `[read_only]`'s bounds.
+    pub in_read_bounds: bool,
+    /// Why a replica is not in bounds.
+    pub read_block: Option<&'static str>,
+    pub read_sessions_active: i64,
 }
 
 #[derive(Serialize)]
@@ -142,6 +169,11 @@ pub fn snapshot(state: &AdminState) -> Status {
                 member: b.member.clone(),
                 member_problem: b.member_problem.clone(),
                 lease_valid_for_ms: b.lease_until.map(|v| signed_ms(now, v)),
+                lag_bytes: b.lag.and_then(|l| l.bytes),
+                lag_seconds: b.lag.map(|l| l.time.as_secs_f64()),
+                in_read_bounds: b.readable,
+                read_block: b.read_block.map(|r| r.as_str()),
+                read_sessions_active: state.metrics.read_sessions_active.with_label_values(&[&b.name]).get(),
             })
             .collect(),
         events: table
@@ -157,7 +189,26 @@ pub fn snapshot(state: &AdminState) -> Status {
             })
             .collect(),
         etcd: table.fence.as_ref().map(|f| etcd_status(f, &table, now)),
+        read_only: read_only_status(state, &table, now),
     }
+}
+
+fn read_only_status(state: &AdminState, table: &RoutingTable, now: Instant) -> Option<ReadOnlyStatus> {
+    let policy = table.read?;
+    let reads = |id| {
+        let name = table.backend(id).map(|b| b.name.as_str()).unwrap_or_default();
+        usize::try_from(state.metrics.read_sessions_active.with_label_values(&[name]).get()).unwrap_or(0)
+    };
+    let in_bounds = table.backends.iter().filter(|b| b.readable).count();
+    Some(ReadOnlyStatus {
+        listen: state.read_only_listen.map(|a| a.to_string()),
+        target: table.target(Route::Read, reads, now).and_then(|t| table.backend(t.id)).map(|b| b.name.clone()),
+        fallback: policy.fallback.as_str(),
+        max_lag_bytes: policy.max_lag_bytes,
+        max_lag_ms: u64::try_from(policy.max_lag.as_millis()).unwrap_or(u64::MAX),
+        replicas_in_bounds: in_bounds,
+        reason: (in_bounds == 0).then(|| table.read_refusal()),
+    })
 }
 
 fn etcd_status(f: &FenceState, table: &RoutingTable, now: Instant) -> EtcdStatus {

@@ -14,8 +14,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 mod etcd;
+mod read_only;
 
 pub use etcd::{parse_endpoint, EtcdConfig, EtcdMode};
+pub use read_only::{ReadFallbackConfig, ReadOnlyConfig};
 
 /// A configuration problem, phrased for the operator who must fix the file.
 #[derive(Debug, thiserror::Error)]
@@ -251,6 +253,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub etcd: Option<EtcdConfig>,
     #[serde(default)]
+    pub read_only: Option<ReadOnlyConfig>,
+    #[serde(default)]
     pub backend: Vec<toml::Spanned<BackendConfig>>,
 }
 
@@ -263,6 +267,8 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub etcd: Option<EtcdConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read_only: Option<ReadOnlyConfig>,
     pub backend: Vec<BackendConfig>,
 }
 
@@ -294,6 +300,11 @@ impl Config {
         let mut problems = bound_problems(&self.proxy, &self.health, &lines);
         if let Some(e) = &self.etcd {
             problems.extend(e.problems(self.health.interval, &lines));
+        }
+        if let Some(r) = &self.read_only {
+            problems.extend(
+                r.problems(&[("proxy.listen", self.proxy.listen), ("admin.listen", self.admin.listen)], &lines),
+            );
         }
         problems
     }
@@ -381,6 +392,9 @@ impl RawConfig {
         if let Some(e) = &self.etcd {
             problems.extend(e.problems(h.interval, &lines));
         }
+        if let Some(r) = &self.read_only {
+            problems.extend(r.problems(&[("proxy.listen", p.listen), ("admin.listen", self.admin.listen)], &lines));
+        }
         let secrets = [h.password.is_some(), h.password_env.is_some(), h.password_file.is_some()];
         if secrets.iter().filter(|s| **s).count() > 1 {
             problems.push("health: set at most one of password, password_env, password_file".to_owned());
@@ -414,6 +428,7 @@ impl RawConfig {
             health: self.health,
             log: self.log,
             etcd: self.etcd,
+            read_only: self.read_only,
             backend: self.backend.into_iter().map(toml::Spanned::into_inner).collect(),
         })
     }
@@ -448,6 +463,15 @@ impl Config {
         check(proxy_rest(&self.proxy) != proxy_rest(&new.proxy), "proxy", true);
         check(self.health != new.health, "health", true);
         check(self.etcd != new.etcd, "etcd", true);
+        // The read-only listener is bound at start: adding or removing it, or moving it, needs a
+        // restart; its bounds and fallback apply at once.
+        match (&self.read_only, &new.read_only) {
+            (Some(old), Some(r)) => {
+                check(old.listen != r.listen, "read_only.listen", false);
+                check(ReadOnlyConfig { listen: r.listen, ..old.clone() } != *r, "read_only", true);
+            }
+            (old, r) => check(old.is_some() != r.is_some(), "read_only", false),
+        }
         check(self.backend != new.backend, "backend", true);
         d
     }
@@ -473,6 +497,8 @@ struct KeyLines {
     log: BTreeMap<String, toml::Spanned<toml::Value>>,
     #[serde(default)]
     etcd: BTreeMap<String, toml::Spanned<toml::Value>>,
+    #[serde(default)]
+    read_only: BTreeMap<String, toml::Spanned<toml::Value>>,
     /// The text the spans point into.
     #[serde(skip)]
     text: String,
@@ -493,6 +519,7 @@ impl KeyLines {
             "admin" => &self.admin,
             "health" => &self.health,
             "etcd" => &self.etcd,
+            "read_only" => &self.read_only,
             _ => &self.log,
         };
         table.get(key).map(|v| format!(" (line {})", line_at(&self.text, v.span().start))).unwrap_or_default()

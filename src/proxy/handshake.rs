@@ -36,9 +36,9 @@ use tokio::time::{sleep_until, timeout_at, Instant};
 
 use crate::metrics::{Metrics, SessionResult};
 use crate::pgwire::{self, sqlstate, BackendReply, FirstPacket, StartupError};
-use crate::topology::{BackendId, Observation, Report, RoutingTable, Source};
+use crate::topology::{BackendId, Observation, Report, Route, RoutingTable, Source, Target};
 
-use super::ProxySettings;
+use super::{ProxySettings, Sessions};
 
 /// How the handshake reaches a backend: TCP in production, in-memory pipes in unit tests.
 pub(crate) trait Connect {
@@ -191,6 +191,10 @@ struct Hello {
 
 /// What the handshake needs from the world; handles only, no locks.
 pub(crate) struct Context<'a, K> {
+    /// Which listener the client came in on.
+    pub(crate) route: Route,
+    /// Open sessions (a read session goes to the replica with the fewest).
+    pub(crate) sessions: &'a Sessions,
     pub(crate) routing: watch::Receiver<Arc<RoutingTable>>,
     pub(crate) settings: &'a ProxySettings,
     /// To the elector: a backend a client could not be connected to.
@@ -363,7 +367,8 @@ where
         loop {
             let waited = {
                 let Self { client, ctx } = self;
-                let wait = wait_for_leader(&mut ctx.routing, ctx.metrics, deadline, after_failure);
+                let (route, sessions) = (ctx.route, ctx.sessions);
+                let wait = wait_for_target(&mut ctx.routing, route, sessions, ctx.metrics, deadline, after_failure);
                 // A leader at hand wins over anything the client did: it is only watched while
                 // it actually waits (a client that half-closes after its StartupMessage is still
                 // served when there is a leader to serve it).
@@ -373,29 +378,29 @@ where
                     event = watch_client(client, &mut hello) => Err(event),
                 }
             };
-            let (id, epoch, address) = match waited {
+            let target = match waited {
                 Ok(Some(target)) => target,
-                Ok(None) => return self.no_leader(hello).await,
+                Ok(None) => return self.no_target(hello).await,
                 Err(event) => match self.client_event(event, &hello).await {
                     Some(ended) => return ended,
                     None => continue,
                 },
             };
-            let backend = match connect(&self.ctx, address).await {
+            let backend = match connect(&self.ctx, target.address).await {
                 Ok(b) => b,
                 Err(e) => {
-                    self.report_failed(id, address, &e);
+                    self.report_failed(target, &e);
                     after_failure = true;
                     continue;
                 }
             };
             // Boxed: the attempt's state is needed once, not for the session's whole life.
-            match Box::pin(self.attempt(backend, id, epoch, address, &mut hello)).await {
+            match Box::pin(self.attempt(backend, target, &mut hello)).await {
                 Ok(Some(admitted)) => return Outcome::Admitted(admitted),
                 // The table moved on while we were connecting: nothing was shown to the client.
                 Ok(None) => after_failure = false,
                 Err(e) if e.peer == Peer::Backend => {
-                    self.report_failed(id, address, &e);
+                    self.report_failed(target, &e);
                     after_failure = true;
                 }
                 Err(e) => return Outcome::Ended(Some(self.client_failed(e).await)),
@@ -421,29 +426,52 @@ where
         }
     }
 
-    /// No leader within `leader_wait_timeout`: 57P03 with the reason.
-    async fn no_leader(&mut self, hello: Hello) -> Outcome<K::Stream> {
-        let reason = self.ctx.routing.borrow().reason.describe();
-        tracing::info!(reason, "no leader within leader_wait_timeout; refusing the client");
-        let message = format!(
-            "pgleader: no leader available after waiting {:?}: {reason}; retry shortly, and if this persists \
-             check the cluster (patronictl list) and GET /status on the pgleader admin port",
-            self.ctx.settings.leader_wait_timeout
-        );
+    /// Nothing to route to within `leader_wait_timeout`: 57P03 with the reason (for the read-only
+    /// listener: each replica's lag or state).
+    async fn no_target(&mut self, hello: Hello) -> Outcome<K::Stream> {
+        let waited = self.ctx.settings.leader_wait_timeout;
+        let (message, result) = {
+            let table = self.ctx.routing.borrow();
+            let reason = table.reason.describe();
+            match self.ctx.route {
+                Route::Write => {
+                    tracing::info!(reason, "no leader within leader_wait_timeout; refusing the client");
+                    let message = format!(
+                        "pgleader: no leader available after waiting {waited:?}: {reason}; retry shortly, and if this \
+                         persists check the cluster (patronictl list) and GET /status on the pgleader admin port"
+                    );
+                    let lease = table.reason.is_lease();
+                    (message, if lease { SessionResult::NoLease } else { SessionResult::NoLeader })
+                }
+                Route::Read => {
+                    let replicas = table.read_refusal();
+                    tracing::info!(replicas, "no replica for a read-only session within leader_wait_timeout; refusing");
+                    let fallback = match table.read.map(|r| r.fallback) {
+                        Some(crate::topology::read::ReadFallback::Leader) => format!(" and no leader ({reason})"),
+                        _ => String::new(),
+                    };
+                    let message = format!(
+                        "pgleader: no server for read-only sessions after waiting {waited:?}: {replicas}{fallback}; \
+                         retry shortly, or use the main port; see GET /status on the pgleader admin port"
+                    );
+                    (message, SessionResult::NoReplica)
+                }
+            }
+        };
         let packet =
             if hello.ssl_request { FirstPacket::SslRequest } else { FirstPacket::Startup { minor: 0, params: vec![] } };
         self.refuse_after(packet, sqlstate::CANNOT_CONNECT_NOW, &message).await;
-        let lease = self.ctx.routing.borrow().reason.is_lease();
-        Outcome::Ended(Some(if lease { SessionResult::NoLease } else { SessionResult::NoLeader }))
+        Outcome::Ended(Some(result))
     }
 
     /// Tells the elector that a backend did not take a client (rule 7): it is not routable until
     /// re-checked on a new connection. Never blocks: with a full queue, checks catch up.
-    fn report_failed(&self, id: BackendId, address: SocketAddr, e: &HandshakeError) {
-        let name = self.ctx.routing.borrow().backend(id).map(|b| b.name.clone()).unwrap_or_default();
-        tracing::info!(backend = %name, %address, error = %e, "leader did not take the client; retrying on the next route");
+    fn report_failed(&self, target: Target, e: &HandshakeError) {
+        let name = self.ctx.routing.borrow().backend(target.id).map(|b| b.name.clone()).unwrap_or_default();
+        let address = target.address;
+        tracing::info!(backend = %name, %address, error = %e, "backend did not take the client; retrying on the next route");
         let report = Report {
-            backend: id,
+            backend: target.id,
             observation: Observation::Lost { error: format!("a client could not be connected: {e}") },
             at: Instant::now().into_std(),
             latency: None,
@@ -467,9 +495,9 @@ where
         }
     }
 
-    /// Is the backend chosen in `epoch` still the leader of the current table (rule 8)?
-    fn admits(&self, id: BackendId, epoch: u64) -> bool {
-        self.ctx.routing.borrow().admits(id, epoch, Instant::now().into_std())
+    /// Does the current table still route this client to `target` (rules 8 and 10)?
+    fn admits(&self, target: &Target) -> bool {
+        self.ctx.routing.borrow().admits_route(self.ctx.route, target, Instant::now().into_std())
     }
 
     /// One try at a connected backend: replay the client's bytes, vet the first reply, and admit
@@ -477,11 +505,10 @@ where
     async fn attempt(
         &mut self,
         mut backend: K::Stream,
-        id: BackendId,
-        epoch: u64,
-        address: SocketAddr,
+        target: Target,
         hello: &mut Hello,
     ) -> Result<Option<Admitted<K::Stream>>, HandshakeError> {
+        let Target { id, address, .. } = target;
         let connect_timeout = self.ctx.settings.connect_timeout;
         if hello.ssl_request {
             let limit = Instant::now() + connect_timeout;
@@ -499,7 +526,7 @@ where
                 Ok(Err(e)) => return Err(on_backend(Phase::SslAnswer, io_cause(e))),
                 Err(_) => return Err(on_backend(Phase::SslAnswer, Cause::Timeout)),
             }
-            if !self.admits(id, epoch) {
+            if !self.admits(&target) {
                 return Ok(None);
             }
             self.client.write_all(&answer).await.map_err(|e| on_client(Phase::Relay, Cause::Io(e)))?;
@@ -545,7 +572,7 @@ where
             Ok(Err(e)) => return Err(on_backend(Phase::FirstReply, io_cause(e))),
             Err(_) => return Err(on_backend(Phase::FirstReply, Cause::Timeout)),
         }
-        if !self.admits(id, epoch) {
+        if !self.admits(&target) {
             return Ok(None);
         }
         self.client.write_all(&reply).await.map_err(|e| on_client(Phase::Relay, Cause::Io(e)))?;
@@ -570,20 +597,19 @@ async fn connect<K: Connect>(ctx: &Context<'_, K>, address: SocketAddr) -> Resul
     }
 }
 
-/// Waits until the table has a leader with a checked address, up to `deadline`; with
-/// `after_failure`, first waits for the table to change (the failed backend is being re-checked).
-/// A closed table (the elector is gone) counts as "no leader" until the deadline, never as a
-/// reason to spin. Returns the leader, the epoch it leads, and its address. Cancel safe.
-async fn wait_for_leader(
+/// Waits until the table has a target for `route` with a checked address (the leader, or a
+/// replica in bounds), up to `deadline`; with `after_failure`, first waits for the table to
+/// change (the failed backend is being re-checked). A closed table (the elector is gone) counts
+/// as "nothing to route to" until the deadline, never as a reason to spin. Cancel safe.
+async fn wait_for_target(
     routing: &mut watch::Receiver<Arc<RoutingTable>>,
+    route: Route,
+    sessions: &Sessions,
     metrics: &Metrics,
     deadline: Instant,
     after_failure: bool,
-) -> Option<(BackendId, u64, SocketAddr)> {
-    let target = |t: &RoutingTable| {
-        let now = Instant::now().into_std();
-        t.leader_target().filter(|(id, _)| t.admits(*id, t.epoch, now)).map(|(id, addr)| (id, t.epoch, addr))
-    };
+) -> Option<Target> {
+    let target = |t: &RoutingTable| t.target(route, |id| sessions.reads(id), Instant::now().into_std());
     if !after_failure {
         if let Some(found) = target(&routing.borrow_and_update()) {
             return Some(found);

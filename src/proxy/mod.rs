@@ -1,5 +1,11 @@
-//! The client-facing side: the listener, the accept loop with admission, and the life of each
+//! The client-facing side: the listeners, the accept loop with admission, and the life of each
 //! session after its handshake.
+//!
+//! Two listeners run the same code: the main one (sessions go to the leader) and, with
+//! `[read_only]`, the read-only one (sessions go to a replica in bounds, DESIGN.md rule 10).
+//! Each accept loop carries its [`Route`]; the handshake asks the table for a target of that
+//! route and splice asks it whether a session of that route may stay. Both share one
+//! `max_connections`, one allow-list, one drain and one access log (with `listener=`).
 //!
 //! Each accepted connection runs in its own task (the accept loop never awaits a client):
 //! 1. Admission, in the accept loop: a client outside `[proxy] allow` is refused with 28000 and
@@ -45,7 +51,7 @@ use tracing::Instrument;
 use crate::metrics::{Metrics, SessionResult};
 use crate::pump::{pump_both, Side, Tally};
 use crate::task::sleep_until_some;
-use crate::topology::{BackendId, CutReason, Report, RoutingTable};
+use crate::topology::{BackendId, CutReason, Report, Route, RoutingTable};
 
 use handshake::{forward_cancel, Admitted, Connect, Context, Handshake, Outcome, Refusal};
 
@@ -125,59 +131,81 @@ pub struct Shared {
     pub sessions: Sessions,
 }
 
-/// Open sessions per backend address: a cancel request can only concern one of them. A tiny
+/// Open sessions per backend address (a cancel request can only concern one of them) and read
+/// sessions per backend (a new read session goes to the replica with the fewest). A tiny
 /// critical section per session start and end, never held across an await.
 #[derive(Default)]
-pub struct Sessions(Mutex<HashMap<SocketAddr, usize>>);
+pub struct Sessions(Mutex<SessionCounts>);
+
+#[derive(Default)]
+struct SessionCounts {
+    by_address: HashMap<SocketAddr, usize>,
+    reads: HashMap<BackendId, usize>,
+}
 
 impl Sessions {
     /// The addresses that hold at least one session now.
     fn addresses(&self) -> Vec<SocketAddr> {
-        self.0.lock().map(|m| m.keys().copied().collect()).unwrap_or_default()
+        self.0.lock().map(|m| m.by_address.keys().copied().collect()).unwrap_or_default()
     }
 
-    fn change(&self, address: SocketAddr, open: bool) {
+    /// Open read sessions on `backend`.
+    pub(crate) fn reads(&self, backend: BackendId) -> usize {
+        self.0.lock().map(|m| m.reads.get(&backend).copied().unwrap_or(0)).unwrap_or(0)
+    }
+
+    fn change(&self, address: SocketAddr, read: Option<BackendId>, open: bool) {
+        fn step<K: std::hash::Hash + Eq>(m: &mut HashMap<K, usize>, key: K, open: bool) {
+            let n = m.entry(key).or_insert(0);
+            *n = if open { *n + 1 } else { n.saturating_sub(1) };
+            if *n == 0 {
+                m.retain(|_, n| *n > 0);
+            }
+        }
         if let Ok(mut m) = self.0.lock() {
-            let n = m.entry(address).or_insert(0);
-            if open {
-                *n += 1;
-            } else {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    m.remove(&address);
-                }
+            step(&mut m.by_address, address, open);
+            if let Some(id) = read {
+                step(&mut m.reads, id, open);
             }
         }
     }
 }
 
-/// One spliced session: raises `pgleader_sessions_active{backend}` and registers its address in
-/// [`Sessions`] while it lives.
+/// One spliced session: raises its listener's `sessions_active{backend}` gauge and registers
+/// it in [`Sessions`] while it lives.
 struct Active<'a> {
     shared: &'a Shared,
     gauge: prometheus::IntGauge,
     address: SocketAddr,
+    read: Option<BackendId>,
 }
 
 impl<'a> Active<'a> {
-    fn open(shared: &'a Shared, backend: &str, address: SocketAddr) -> Active<'a> {
-        let gauge = shared.metrics.sessions_active.with_label_values(&[backend]);
+    fn open(shared: &'a Shared, route: Route, id: BackendId, backend: &str, address: SocketAddr) -> Active<'a> {
+        let gauges = match route {
+            Route::Write => &shared.metrics.sessions_active,
+            Route::Read => &shared.metrics.read_sessions_active,
+        };
+        let gauge = gauges.with_label_values(&[backend]);
         gauge.inc();
-        shared.sessions.change(address, true);
-        Active { shared, gauge, address }
+        let read = (route == Route::Read).then_some(id);
+        shared.sessions.change(address, read, true);
+        Active { shared, gauge, address, read }
     }
 }
 
 impl Drop for Active<'_> {
     fn drop(&mut self) {
         self.gauge.dec();
-        self.shared.sessions.change(self.address, false);
+        self.shared.sessions.change(self.address, self.read, false);
     }
 }
 
-/// The accept loop.
+/// One listener's accept loop.
 pub struct Proxy {
     pub listener: TcpListener,
+    /// Where its sessions go: the leader, or a replica in bounds.
+    pub route: Route,
     pub shared: Arc<Shared>,
     /// `max_connections`; a reload resizes it.
     pub limit: Arc<Semaphore>,
@@ -238,9 +266,9 @@ impl Proxy {
                     backoff = Duration::from_millis(10);
                     let Some(admission) = self.admit(peer, &refusals) else { continue };
                     let id = next_id.fetch_add(1, Ordering::Relaxed);
-                    let span = tracing::debug_span!("conn", id, %peer);
+                    let span = tracing::debug_span!("conn", id, %peer, listener = self.route.as_str());
                     let shared = Arc::clone(&self.shared);
-                    self.tracker.spawn(handle(shared, socket, peer, admission).instrument(span));
+                    self.tracker.spawn(handle(shared, self.route, socket, peer, admission).instrument(span));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "accept failed; backing off (raise the file descriptor limit if this is EMFILE)");
@@ -276,11 +304,13 @@ struct AccessLine {
 }
 
 /// One client connection, start to finish; counts its result and logs it.
-async fn handle(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, admission: Admission) {
+async fn handle(shared: Arc<Shared>, route: Route, client: TcpStream, peer: SocketAddr, admission: Admission) {
     let started = Instant::now();
     tune(&client);
     let settings = shared.settings.borrow().clone();
     let ctx = Context {
+        route,
+        sessions: &shared.sessions,
         routing: shared.routing.clone(),
         settings: &settings,
         reports: &shared.reports,
@@ -308,7 +338,9 @@ async fn handle(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, admiss
                     let targets = shared.sessions.addresses();
                     Some(forward_cancel(&TcpConnector, &raw, &targets, settings.connect_timeout).await)
                 }
-                Outcome::Admitted(admitted) => Some(splice(&shared, &handshake.client, admitted, &mut line).await),
+                Outcome::Admitted(admitted) => {
+                    Some(splice(&shared, route, &handshake.client, admitted, &mut line).await)
+                }
             }
         }
     };
@@ -318,6 +350,7 @@ async fn handle(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, admiss
         tracing::info!(
             target: "pgleader::access",
             client = %peer,
+            listener = route.as_str(),
             backend = line.backend.as_deref().unwrap_or("-"),
             bytes_up = line.bytes.0,
             bytes_down = line.bytes.1,
@@ -339,6 +372,7 @@ fn tune(stream: &TcpStream) {
 /// Step 4: splice until both sides close, the session is cut, or the grace period ends.
 async fn splice(
     shared: &Shared,
+    route: Route,
     client: &TcpStream,
     admitted: Admitted<TcpStream>,
     line: &mut AccessLine,
@@ -346,7 +380,7 @@ async fn splice(
     let Admitted { backend, id, address, tls, .. } = admitted;
     let mut routing = shared.routing.clone();
     let name = routing.borrow().backend(id).map(|b| b.name.clone()).unwrap_or_default();
-    let _active = Active::open(shared, &name, address);
+    let _active = Active::open(shared, route, id, &name, address);
     tracing::debug!(backend = %name, %address, tls, "spliced");
     // This session's totals, for the access log; the pump also feeds the global metric.
     let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
@@ -359,7 +393,7 @@ async fn splice(
     );
     let outcome = tokio::select! {
         biased;
-        reason = session_cut(&mut routing, id) => {
+        reason = session_cut(&mut routing, route, id) => {
             tracing::info!(backend = %name, reason = reason.as_str(), "session cut");
             metrics.sessions_cut.with_label_values(&[reason.as_str()]).inc();
             line.cut = Some(reason.as_str());
@@ -383,16 +417,16 @@ async fn splice(
     outcome
 }
 
-/// Completes, with the reason, when the routing table no longer allows a session on `id`
-/// (DESIGN.md rule 3). Cancel safe. Pending forever if the elector is gone (its end is fatal,
+/// Completes, with the reason, when the routing table no longer allows a session of `route` on
+/// `id` (DESIGN.md rules 3 and 10). Cancel safe. Pending forever if the elector is gone (its end is fatal,
 /// and the drain that follows closes sessions).
 /// With fencing, it also completes at the end of the backend's confirmation (rule 9) — on its
 /// own clock, not when the elector gets round to it — unless a newer table has extended it.
-async fn session_cut(routing: &mut watch::Receiver<Arc<RoutingTable>>, id: BackendId) -> CutReason {
+async fn session_cut(routing: &mut watch::Receiver<Arc<RoutingTable>>, route: Route, id: BackendId) -> CutReason {
     loop {
         let lease_until = {
             let table = routing.borrow_and_update();
-            if let Some(reason) = table.cut_reason_at(id, Instant::now().into_std()) {
+            if let Some(reason) = table.cut_reason_for(route, id, Instant::now().into_std()) {
                 return reason;
             }
             table.lease_until(id).map(Instant::from_std)

@@ -26,6 +26,15 @@
 //!    confirmation ([`Reason::FailsafeFallback`]). In `observe` mode the table routes as without
 //!    fencing and reports, in [`FenceState`], what enforcing would do.
 //!
+//! 10. Reads (`[read_only]`, [`read`]): a read session goes to a replica *in bounds* (its check
+//!     succeeded, it streams from the SQL leader's system and timeline, and its over-estimated lag
+//!     is within `max_lag_bytes` and `max_lag`), the one with the fewest read sessions; with none,
+//!     to the table's leader under `fallback = "leader"`, else it is refused. Never to a backend
+//!     out of recovery but that leader ([`RoutingTable::target`]). A read session on a replica is
+//!     cut when the replica is down, follows another system, or has been out of bounds for `fall`
+//!     checks in a row; on a primary it obeys rules 3 and 9 like any session
+//!     ([`RoutingTable::cut_reason_for`]), so a promoted replica keeps its read sessions.
+//!
 //! Addresses: each successful check carries the socket address the checker resolved and used
 //! ([`Probe::address`]); clients are connected to exactly that address, never to a fresh
 //! resolution of the configured name.
@@ -39,6 +48,7 @@
 //! restoring a cluster onto an *older* timeline needs a restart (see README, troubleshooting).
 
 pub mod lease;
+pub mod read;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -60,6 +70,8 @@ pub struct Policy {
     pub stale_after: Duration,
     /// Fencing with Patroni's leader lease (`[etcd]`); `None`: SQL only.
     pub fence: Option<FencePolicy>,
+    /// The read-only listener's bounds (`[read_only]`); `None`: no read routing.
+    pub read: Option<read::ReadPolicy>,
 }
 
 /// How the leader lease is used.
@@ -99,6 +111,8 @@ pub struct Probe {
     pub timeline: Option<u32>,
     /// `pg_control_system().system_identifier`, read once per health connection.
     pub system_id: Option<u64>,
+    /// Where its WAL is (lag, rule 10); `None` if the check could not read it.
+    pub wal: Option<read::Wal>,
 }
 
 /// One event about one backend, from its health checker or from a failed client connect.
@@ -192,6 +206,8 @@ pub struct BackendState {
     pub observed_at: Option<Instant>,
     /// Duration of the latest successful check.
     pub last_check_latency: Option<Duration>,
+    /// When the latest successful check was made.
+    pub probed_at: Option<Instant>,
 }
 
 impl BackendState {
@@ -208,6 +224,7 @@ impl BackendState {
                 next.lost = false;
                 next.primary_streak = if probe.in_recovery { 0 } else { next.primary_streak.saturating_add(1) };
                 next.last_probe = Some(*probe);
+                next.probed_at = Some(at);
             }
             Observation::Failed { error } => {
                 next.checks_total += 1;
@@ -279,6 +296,10 @@ pub enum CutReason {
     Removed,
     /// Fencing: the backend holds no valid confirmation of Patroni's leader lease.
     Lease,
+    /// A read session's replica was out of the lag bounds for `fall` checks in a row.
+    Lag,
+    /// A read session's replica follows another system than the leader's.
+    OtherSystem,
 }
 
 impl CutReason {
@@ -291,6 +312,8 @@ impl CutReason {
             CutReason::Down => "down",
             CutReason::Removed => "removed",
             CutReason::Lease => "lease",
+            CutReason::Lag => "lag",
+            CutReason::OtherSystem => "other_system",
         }
     }
 }
@@ -419,6 +442,78 @@ pub struct BackendView {
     /// Fencing: sessions here must end at this instant unless a newer table extends it (the
     /// backend's confirmation); `None` without fencing, or under the fail-safe fallback.
     pub lease_until: Option<Instant>,
+    /// A replica's lag behind the SQL leader (rule 10); `None` for a primary, or with no leader.
+    pub lag: Option<read::Lag>,
+    /// A replica in bounds: it may take new read sessions (only with `[read_only]`).
+    pub readable: bool,
+    /// Why a replica is not in bounds, if it is not.
+    pub read_block: Option<ReadBlock>,
+    /// Why read sessions on this replica must go (rule 10), if they must.
+    pub read_cut: Option<CutReason>,
+    /// Consecutive checks that found this replica out of bounds.
+    pub out_of_bounds_streak: u32,
+}
+
+/// Why a replica takes no new read sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadBlock {
+    /// No SQL leader to measure against.
+    NoLeader,
+    /// Its latest check failed, is stale, or its health connection is lost.
+    CheckFailed,
+    /// Its WAL receiver is not streaming (or the health user cannot see it: grant pg_monitor).
+    NotStreaming,
+    /// It follows another system than the leader's.
+    OtherSystem,
+    /// It streams another timeline than the leader's.
+    OtherTimeline,
+    /// Its lag is not known yet (no leader check has followed its check).
+    LagUnknown,
+    /// Further behind than `max_lag_bytes`.
+    LagBytes,
+    /// Behind for longer than `max_lag`.
+    LagTime,
+}
+
+impl ReadBlock {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReadBlock::NoLeader => "no leader to measure its lag against",
+            ReadBlock::CheckFailed => "its latest health check failed",
+            ReadBlock::NotStreaming => "its WAL receiver is not streaming",
+            ReadBlock::OtherSystem => "it follows another database system",
+            ReadBlock::OtherTimeline => "it streams another timeline than the leader's",
+            ReadBlock::LagUnknown => "its lag is not measured yet",
+            ReadBlock::LagBytes => "more than max_lag_bytes behind",
+            ReadBlock::LagTime => "behind for longer than max_lag",
+        }
+    }
+}
+
+/// Which listener a session came in on: the decision differs per route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Route {
+    /// The main listener: the leader only.
+    Write,
+    /// The read-only listener (rule 10).
+    Read,
+}
+
+impl Route {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Route::Write => "main",
+            Route::Read => "read_only",
+        }
+    }
+}
+
+/// Where a new session goes: a backend, the epoch it was chosen in, and its checked address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    pub id: BackendId,
+    pub epoch: u64,
+    pub address: SocketAddr,
 }
 
 impl BackendView {
@@ -443,6 +538,10 @@ pub struct RoutingTable {
     pub history: Vec<LeaderChange>,
     /// The fencing decision and the etcd view it was made from; `None` without `[etcd]`.
     pub fence: Option<FenceState>,
+    /// `[read_only]`'s bounds; `None`: no read routing.
+    pub read: Option<read::ReadPolicy>,
+    /// The SQL leader's recent WAL positions (rule 10); carried from table to table.
+    pub lag: read::LagTracker,
 }
 
 /// What fencing decided, for `/status` and for `observe` mode's report.
@@ -468,6 +567,8 @@ impl RoutingTable {
             max_timelines: BTreeMap::new(),
             history: Vec::new(),
             fence: None,
+            read: None,
+            lag: read::LagTracker::default(),
         }
     }
 
@@ -533,6 +634,81 @@ impl RoutingTable {
         Some((view.id, view.resolved()?))
     }
 
+    /// Where a new session on `route` goes now (rules 8 and 10), if anywhere. Reads: the replica
+    /// in bounds with the fewest read sessions (`read_sessions`; ties in configuration order),
+    /// else the leader under `fallback = "leader"`.
+    pub fn target(&self, route: Route, read_sessions: impl Fn(BackendId) -> usize, now: Instant) -> Option<Target> {
+        let write = || {
+            let (id, address) = self.leader_target()?;
+            self.admits(id, self.epoch, now).then_some(Target { id, epoch: self.epoch, address })
+        };
+        match route {
+            Route::Write => write(),
+            Route::Read => {
+                let replica = self
+                    .backends
+                    .iter()
+                    .filter(|b| b.readable)
+                    .filter_map(|b| Some((b.id, b.resolved()?)))
+                    .min_by_key(|(id, _)| read_sessions(*id));
+                match replica {
+                    Some((id, address)) => Some(Target { id, epoch: self.epoch, address }),
+                    None if self.falls_back_to_leader() => write(),
+                    None => None,
+                }
+            }
+        }
+    }
+
+    fn falls_back_to_leader(&self) -> bool {
+        self.read.is_some_and(|r| r.fallback == read::ReadFallback::Leader)
+    }
+
+    /// Rule 8 per route: may a client connected to `target` see its first byte from it now?
+    pub fn admits_route(&self, route: Route, target: &Target, now: Instant) -> bool {
+        let leads = self.admits(target.id, target.epoch, now);
+        match route {
+            Route::Write => leads,
+            Route::Read => {
+                self.backend(target.id).is_some_and(|b| b.readable) || (self.falls_back_to_leader() && leads)
+            }
+        }
+    }
+
+    /// Rules 3, 9 and 10 per route: why a session on `backend` must close now, if it must.
+    pub fn cut_reason_for(&self, route: Route, backend: BackendId, now: Instant) -> Option<CutReason> {
+        let Some(view) = self.backend(backend) else { return Some(CutReason::Removed) };
+        let primary = view.state.last_probe.is_none_or(|p| !p.in_recovery);
+        match route {
+            Route::Read if !primary => view.read_cut,
+            _ => self.cut_reason_at(backend, now),
+        }
+    }
+
+    /// Why no replica takes read sessions, for the client's 57P03 and logs.
+    pub fn read_refusal(&self) -> String {
+        let blocked: Vec<String> = self
+            .backends
+            .iter()
+            .filter(|b| b.state.last_probe.is_some_and(|p| p.in_recovery) || b.read_block.is_some())
+            .map(|b| {
+                let lag = b.lag.map_or(String::new(), |l| {
+                    let bytes = l.bytes.map_or_else(|| "? bytes".to_owned(), |n| format!("{n} bytes"));
+                    format!(", lag {bytes} / {:.1} s", l.time.as_secs_f64())
+                });
+                format!("{}: {}{lag}", b.name, b.read_block.map_or("in bounds", ReadBlock::as_str))
+            })
+            .collect();
+        let bounds = self
+            .read
+            .map_or(String::new(), |r| format!(" (max_lag_bytes {}, max_lag {:?})", r.max_lag_bytes, r.max_lag));
+        if blocked.is_empty() {
+            format!("no replica is checked and streaming{bounds}")
+        } else {
+            format!("no replica within the lag bounds{bounds}: {}", blocked.join("; "))
+        }
+    }
+
     /// Whether anything that sessions or checkers act on differs (counters and errors do not).
     pub fn routing_differs(&self, other: &RoutingTable) -> bool {
         self.leader != other.leader
@@ -548,6 +724,8 @@ impl RoutingTable {
                     || a.role != b.role
                     || a.resolved() != b.resolved()
                     || a.member_problem != b.member_problem
+                    || a.readable != b.readable
+                    || a.read_cut != b.read_cut
             })
     }
 }
@@ -585,6 +763,11 @@ pub fn decide(
             member: b.member.clone(),
             member_problem: None,
             lease_until: None,
+            lag: None,
+            readable: false,
+            read_block: None,
+            read_cut: None,
+            out_of_bounds_streak: 0,
         })
         .collect();
 
@@ -638,6 +821,7 @@ pub fn decide(
             }
         }
     };
+    let lag = reads(prev, backends, &mut views, sql_leader, policy, now);
     let leader = leader.map(|i| backends[i].id);
     if leader.is_none() {
         for v in &mut views {
@@ -645,7 +829,89 @@ pub fn decide(
         }
     }
     let epoch = if leader != prev.leader { prev.epoch + 1 } else { prev.epoch };
-    RoutingTable { leader, reason, epoch, backends: views, max_timelines, history: prev.history.clone(), fence }
+    RoutingTable {
+        leader,
+        reason,
+        epoch,
+        backends: views,
+        max_timelines,
+        history: prev.history.clone(),
+        fence,
+        read: policy.read,
+        lag,
+    }
+}
+
+/// Rule 10: every replica's lag against the SQL leader (`reference`, an index into
+/// `backends`), whether it is in bounds, and whether its read sessions must go. Returns the
+/// tracker for the next table.
+fn reads(
+    prev: &RoutingTable,
+    backends: &[Backend],
+    views: &mut [BackendView],
+    reference: Option<usize>,
+    policy: &Policy,
+    now: Instant,
+) -> read::LagTracker {
+    let leader = reference.map(|i| &backends[i]);
+    let leader_probe = leader.and_then(|b| b.state.last_probe);
+    let sample = leader.and_then(|b| Some((b.state.last_probe?.wal?.lsn, b.state.probed_at?)));
+    let tracker = prev.lag.with_sample(leader.map(|b| b.id), sample);
+    let same_reference = prev.lag.reference() == tracker.reference();
+    let mut tracked = Vec::new();
+    for (v, b) in views.iter_mut().zip(backends) {
+        let Some(probe) = b.state.last_probe.filter(|p| p.in_recovery) else { continue };
+        let before = prev.backend(b.id);
+        let wal = probe.wal;
+        if let (Some(w), Some(checked), Some(_)) = (wal, b.state.probed_at, leader) {
+            let previous = before.and_then(|p| p.lag).filter(|_| same_reference);
+            v.lag = Some(tracker.lag(w.lsn, checked, previous, now));
+            tracked.push((w.lsn, checked));
+        }
+        let other_system = leader_probe.is_some_and(|l| l.system_id.is_none() || l.system_id != probe.system_id);
+        let block = match (leader_probe, wal, v.lag) {
+            (None, _, _) => Some(ReadBlock::NoLeader),
+            _ if !b.state.passes(policy, now) => Some(ReadBlock::CheckFailed),
+            _ if other_system => Some(ReadBlock::OtherSystem),
+            (_, None, _) => Some(ReadBlock::NotStreaming),
+            (_, Some(w), _) if !w.streaming => Some(ReadBlock::NotStreaming),
+            (Some(l), Some(w), _) if w.receive_timeline.is_none() || w.receive_timeline != l.timeline => {
+                Some(ReadBlock::OtherTimeline)
+            }
+            (_, _, None | Some(read::Lag { bytes: None, .. })) => Some(ReadBlock::LagUnknown),
+            (_, _, Some(lag)) => policy.read.and_then(|r| {
+                if lag.bytes.is_some_and(|n| n > r.max_lag_bytes) {
+                    Some(ReadBlock::LagBytes)
+                } else if lag.time > r.max_lag {
+                    Some(ReadBlock::LagTime)
+                } else {
+                    None
+                }
+            }),
+        };
+        v.read_block = block;
+        v.readable = policy.read.is_some() && block.is_none();
+        // Out of bounds counts per successful check, and only against a leader: a check that
+        // failed counts toward `fall` instead, and with no leader there is nothing to lag behind.
+        let streak = before.map_or(0, |p| p.out_of_bounds_streak);
+        let new_check = before.is_none_or(|p| p.state.checks_total != b.state.checks_total);
+        v.out_of_bounds_streak = match block {
+            _ if !new_check || b.state.fail_streak > 0 => streak,
+            Some(ReadBlock::NoLeader) => streak,
+            Some(_) => streak.saturating_add(1),
+            None => 0,
+        };
+        v.read_cut = if b.state.fail_streak >= policy.fall {
+            Some(CutReason::Down)
+        } else if other_system {
+            Some(CutReason::OtherSystem)
+        } else if policy.read.is_some() && v.out_of_bounds_streak >= policy.fall {
+            Some(CutReason::Lag)
+        } else {
+            None
+        };
+    }
+    tracker.pruned(&tracked)
 }
 
 /// Rule 9's verdict on the SQL leader (an index into `backends`).

@@ -3,16 +3,22 @@
 use super::*;
 use proptest::prelude::*;
 
-const POLICY: Policy = Policy { rise: 1, fall: 3, stale_after: Duration::from_secs(10), fence: None };
+const POLICY: Policy = Policy { rise: 1, fall: 3, stale_after: Duration::from_secs(10), fence: None, read: None };
 
 fn addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 5432))
 }
 fn primary(tl: u32, sys: u64) -> Observation {
-    Observation::Checked(Probe { address: addr(), in_recovery: false, timeline: Some(tl), system_id: Some(sys) })
+    Observation::Checked(Probe {
+        address: addr(),
+        in_recovery: false,
+        timeline: Some(tl),
+        system_id: Some(sys),
+        wal: None,
+    })
 }
 fn replica(sys: u64) -> Observation {
-    Observation::Checked(Probe { address: addr(), in_recovery: true, timeline: None, system_id: Some(sys) })
+    Observation::Checked(Probe { address: addr(), in_recovery: true, timeline: None, system_id: Some(sys), wal: None })
 }
 fn failed() -> Observation {
     Observation::Failed { error: "timeout".into() }
@@ -98,6 +104,7 @@ fn table_driven() {
                         in_recovery: false,
                         timeline: Some(2),
                         system_id: None,
+                        wal: None,
                     }),
                 ),
             ],
@@ -221,7 +228,7 @@ proptest! {
         rise in 1u32..3,
         fall in 1u32..4,
     ) {
-        let policy = Policy { rise, fall, stale_after: Duration::from_secs(60), fence: None };
+        let policy = Policy { rise, fall, stale_after: Duration::from_secs(60), fence: None, read: None };
         let t0 = Instant::now();
         let mut states = backends(3);
         let mut table = RoutingTable::initial();

@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use tokio::io::{duplex, DuplexStream};
 
 use super::*;
+use crate::proxy::Sessions;
 use crate::topology::{BackendState, BackendView, Probe, Reason, Role};
 
 const BACKENDS: u32 = 2;
@@ -30,8 +31,13 @@ fn table(leader: Option<u32>, epoch: u64) -> Arc<RoutingTable> {
     let backends = (0..BACKENDS)
         .map(|i| {
             let primary = leader == Some(i);
-            let probe =
-                Probe { address: addr(i), in_recovery: !primary, timeline: primary.then_some(1), system_id: Some(7) };
+            let probe = Probe {
+                address: addr(i),
+                in_recovery: !primary,
+                timeline: primary.then_some(1),
+                system_id: Some(7),
+                wal: None,
+            };
             BackendView {
                 id: BackendId(i),
                 name: format!("b{i}"),
@@ -43,6 +49,11 @@ fn table(leader: Option<u32>, epoch: u64) -> Arc<RoutingTable> {
                 member: format!("b{i}"),
                 member_problem: None,
                 lease_until: None,
+                lag: None,
+                readable: false,
+                read_block: None,
+                read_cut: None,
+                out_of_bounds_streak: 0,
             }
         })
         .collect();
@@ -54,6 +65,8 @@ fn table(leader: Option<u32>, epoch: u64) -> Arc<RoutingTable> {
         max_timelines: Default::default(),
         history: Vec::new(),
         fence: None,
+        read: None,
+        lag: Default::default(),
     })
 }
 
@@ -128,7 +141,16 @@ fn rig(first: Arc<RoutingTable>, pipes: Pipes) -> Rig {
     let (p, m) = (Arc::clone(&pipes), Arc::clone(&metrics));
     let task = tokio::spawn(async move {
         let settings = settings();
-        let ctx = Context { routing, settings: &settings, reports: &reports_tx, metrics: &m, connector: &*p };
+        let sessions = Sessions::default();
+        let ctx = Context {
+            route: Route::Write,
+            sessions: &sessions,
+            routing,
+            settings: &settings,
+            reports: &reports_tx,
+            metrics: &m,
+            connector: &*p,
+        };
         let mut hs = Handshake { client: proxy_side, ctx };
         hs.run().await
     });
@@ -465,7 +487,16 @@ async fn an_over_limit_client_gets_53300_after_n_to_its_ssl_request() {
     let p = Arc::clone(&pipes);
     let refused = tokio::spawn(async move {
         let (metrics, settings) = (Metrics::new(&[]), settings());
-        let ctx = Context { routing, settings: &settings, reports: &reports_tx, metrics: &metrics, connector: &*p };
+        let sessions = Sessions::default();
+        let ctx = Context {
+            route: Route::Write,
+            sessions: &sessions,
+            routing,
+            settings: &settings,
+            reports: &reports_tx,
+            metrics: &metrics,
+            connector: &*p,
+        };
         Handshake { client: proxy_side, ctx }.refuse(Refusal::OverLimit).await
     });
     app.write_all(SSL_REQUEST).await.unwrap();
