@@ -70,9 +70,16 @@ fn observation(event: &Event) -> Option<Observation> {
             in_recovery: false,
             timeline: Some(u32::from(timeline % 5) + 1),
             system_id: system(s),
+            wal: None,
         }),
         Event::Replica { system: s } => {
-            Observation::Checked(Probe { address: ADDRESS, in_recovery: true, timeline: None, system_id: system(s) })
+            Observation::Checked(Probe {
+                address: ADDRESS,
+                in_recovery: true,
+                timeline: None,
+                system_id: system(s),
+                wal: None,
+            })
         }
         Event::Failed => Observation::Failed { error: "health check timed out".to_owned() },
         Event::Lost => Observation::Lost { error: "health connection lost".to_owned() },
@@ -85,8 +92,10 @@ fuzz_target!(|input: Input| {
         rise: u32::from(input.rise % 4),
         fall: u32::from(input.fall % 4).max(1),
         stale_after: Duration::from_millis(10 * u64::from(input.stale_after)),
-        // Fencing is property-tested in topology's own tests (`fencing_invariants`).
+        // Fencing and reads are property-tested in topology's own tests (`fencing_invariants`,
+        // `read_invariants`).
         fence: None,
+        read: None,
     };
     let n = if input.three_backends { 3 } else { 2 };
     let mut backends: Vec<Backend> = (0..n)

@@ -450,8 +450,11 @@ pub struct BackendView {
     pub read_block: Option<ReadBlock>,
     /// Why read sessions on this replica must go (rule 10), if they must.
     pub read_cut: Option<CutReason>,
-    /// Consecutive checks that found this replica out of bounds.
+    /// Consecutive measured checks that found this replica out of bounds.
     pub out_of_bounds_streak: u32,
+    /// The replica check (`checks_total`) the streak last counted: each check counts once, when
+    /// its lag is measured (a leader check has followed it).
+    pub counted_check: u64,
 }
 
 /// Why a replica takes no new read sessions.
@@ -768,6 +771,7 @@ pub fn decide(
             read_block: None,
             read_cut: None,
             out_of_bounds_streak: 0,
+            counted_check: 0,
         })
         .collect();
 
@@ -858,7 +862,6 @@ fn reads(
     let sample = leader.and_then(|b| Some((b.state.last_probe?.wal?.lsn, b.state.probed_at?)));
     let tracker = prev.lag.with_sample(leader.map(|b| b.id), sample);
     let same_reference = prev.lag.reference() == tracker.reference();
-    let mut tracked = Vec::new();
     for (v, b) in views.iter_mut().zip(backends) {
         let Some(probe) = b.state.last_probe.filter(|p| p.in_recovery) else { continue };
         let before = prev.backend(b.id);
@@ -866,7 +869,6 @@ fn reads(
         if let (Some(w), Some(checked), Some(_)) = (wal, b.state.probed_at, leader) {
             let previous = before.and_then(|p| p.lag).filter(|_| same_reference);
             v.lag = Some(tracker.lag(w.lsn, checked, previous, now));
-            tracked.push((w.lsn, checked));
         }
         let other_system = leader_probe.is_some_and(|l| l.system_id.is_none() || l.system_id != probe.system_id);
         let block = match (leader_probe, wal, v.lag) {
@@ -891,15 +893,16 @@ fn reads(
         };
         v.read_block = block;
         v.readable = policy.read.is_some() && block.is_none();
-        // Out of bounds counts per successful check, and only against a leader: a check that
-        // failed counts toward `fall` instead, and with no leader there is nothing to lag behind.
-        let streak = before.map_or(0, |p| p.out_of_bounds_streak);
-        let new_check = before.is_none_or(|p| p.state.checks_total != b.state.checks_total);
-        v.out_of_bounds_streak = match block {
-            _ if !new_check || b.state.fail_streak > 0 => streak,
-            Some(ReadBlock::NoLeader) => streak,
-            Some(_) => streak.saturating_add(1),
-            None => 0,
+        // Out of bounds counts once per successful check, when its lag is measured, and only
+        // against a leader: a failed check counts toward `fall` instead, and with no leader there
+        // is nothing to lag behind.
+        let (streak, counted) = before.map_or((0, 0), |p| (p.out_of_bounds_streak, p.counted_check));
+        let measured = b.state.probed_at.is_some_and(|at| tracker.paired(at));
+        let count = measured && counted != b.state.checks_total && b.state.fail_streak == 0 && leader.is_some();
+        (v.out_of_bounds_streak, v.counted_check) = match block {
+            _ if !count => (streak, counted),
+            Some(_) => (streak.saturating_add(1), b.state.checks_total),
+            None => (0, b.state.checks_total),
         };
         v.read_cut = if b.state.fail_streak >= policy.fall {
             Some(CutReason::Down)
@@ -911,7 +914,7 @@ fn reads(
             None
         };
     }
-    tracker.pruned(&tracked)
+    tracker
 }
 
 /// Rule 9's verdict on the SQL leader (an index into `backends`).

@@ -18,9 +18,10 @@
 //!   bounds. Only such replicas take new read sessions; with `fallback = "leader"` the table's
 //!   leader takes them when none is.
 //!
-//! Samples are pruned once no replica needs them and capped at [`MAX_SAMPLES`]: past the cap the
-//! two oldest are merged into one that keeps the older instant and the newer position, which can
-//! only make either lag look larger.
+//! Samples keep the first sighting of each new position (what time lag needs, for any replica,
+//! also one not checked yet) and the latest sighting (what byte lag pairs with); they are capped
+//! at [`MAX_SAMPLES`]: past the cap the two oldest are merged into one that keeps the older
+//! instant and the newer position, which can only make either lag look larger.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -83,24 +84,37 @@ pub const MAX_SAMPLES: usize = 64;
 pub struct LagTracker {
     /// Whose positions these are; another reference starts over.
     reference: Option<BackendId>,
-    /// (LSN, when it was seen), oldest first, LSN non-decreasing.
+    /// (LSN, when it was first seen), oldest first, LSN strictly increasing, except that the last
+    /// entry may repeat the one before it with the latest instant that position was seen.
     samples: VecDeque<(u64, Instant)>,
 }
 
 impl LagTracker {
-    /// Adds the reference's latest check (`lsn` seen at `at`); a new reference, or a position
-    /// that went backwards (another system or a restore), starts over.
+    /// Adds the reference's latest check (`lsn` seen at `at`). Another backend as the reference,
+    /// or a position that went backwards (another system or a restore), starts over; no
+    /// reference for a while (a failed check of the leader) keeps what was seen.
     #[must_use]
     pub fn with_sample(&self, reference: Option<BackendId>, sample: Option<(u64, Instant)>) -> LagTracker {
         let mut next = self.clone();
-        if reference != self.reference {
+        let Some(id) = reference else { return next };
+        if Some(id) != self.reference {
             next = LagTracker { reference, samples: VecDeque::new() };
         }
-        let Some((lsn, at)) = sample.filter(|_| reference.is_some()) else { return next };
-        match next.samples.back() {
-            Some(&(_, last)) if at <= last => {}
-            Some(&(last_lsn, _)) if lsn < last_lsn => next.samples = VecDeque::from([(lsn, at)]),
-            _ => next.samples.push_back((lsn, at)),
+        let Some((lsn, at)) = sample else { return next };
+        let len = next.samples.len();
+        let repeated = len >= 2 && next.samples[len - 1].0 == next.samples[len - 2].0;
+        match next.samples.back().copied() {
+            Some((_, last)) if at <= last => {}
+            Some((last_lsn, _)) if lsn < last_lsn => next.samples = VecDeque::from([(lsn, at)]),
+            // The same position again: only its latest sighting is kept after the first.
+            Some((last_lsn, _)) if lsn == last_lsn && repeated => next.samples[len - 1].1 = at,
+            _ => {
+                if repeated {
+                    // A check paired with the dropped repeat pairs with this later one: larger.
+                    next.samples.pop_back();
+                }
+                next.samples.push_back((lsn, at));
+            }
         }
         while next.samples.len() > MAX_SAMPLES {
             let (Some((_, older)), Some((lsn, _))) = (next.samples.pop_front(), next.samples.pop_front()) else {
@@ -115,6 +129,11 @@ impl LagTracker {
         self.reference
     }
 
+    /// Whether a leader sample at or after `checked` exists: the replica's check is measured.
+    pub fn paired(&self, checked: Instant) -> bool {
+        self.samples.back().is_some_and(|(_, at)| *at >= checked)
+    }
+
     /// The lag of a replica that replayed up to `replay` at its check at `checked`; `previous`
     /// is its last estimate, which stands while no leader sample follows the check.
     pub fn lag(&self, replay: u64, checked: Instant, previous: Option<Lag>, now: Instant) -> Lag {
@@ -124,21 +143,6 @@ impl LagTracker {
             bytes: paired.or(previous.and_then(|p| p.bytes)),
             time: behind_since.map_or(Duration::ZERO, |since| now.saturating_duration_since(since)),
         }
-    }
-
-    /// Drops the samples no replica needs any more: `replicas` are the (replay, check instant)
-    /// of every replica whose lag is tracked. The newest sample is always kept.
-    #[must_use]
-    pub fn pruned(mut self, replicas: &[(u64, Instant)]) -> LagTracker {
-        while self.samples.len() > 1 {
-            let (lsn, at) = self.samples[0];
-            let needed = replicas.iter().any(|&(replay, checked)| lsn > replay || at >= checked);
-            if needed {
-                break;
-            }
-            self.samples.pop_front();
-        }
-        self
     }
 }
 
@@ -209,22 +213,24 @@ mod tests {
     }
 
     #[test]
-    fn pruning_and_the_cap_only_ever_over_estimate() {
+    fn repeats_keep_the_first_and_the_latest_sighting_and_the_cap_only_over_estimates() {
         let t0 = Instant::now();
         let s = |ms: u64| t0 + Duration::from_millis(ms);
+        let idle = (0..10).fold(LagTracker::default(), |t, i| t.with_sample(REF, Some((500, s(i * 10)))));
+        assert_eq!(idle.samples, VecDeque::from([(500, s(0)), (500, s(90))]));
+        let moved = idle.with_sample(REF, Some((600, s(100))));
+        assert_eq!(moved.samples, VecDeque::from([(500, s(0)), (600, s(100))]));
         let mut t = LagTracker::default();
         for i in 0..200u64 {
             t = t.with_sample(REF, Some((i * 100, s(i * 10))));
         }
         assert_eq!(t.samples.len(), MAX_SAMPLES);
-        // A replica that replayed up to 50 at 5 ms: exact answers are 100 - 50 bytes at most
-        // behind since the sample at 10 ms; the merged samples claim more, never less.
+        // A replica that replayed up to 50, checked at 5 ms: exactly it is 50 bytes behind and has
+        // been behind since 10 ms; the merged samples claim more, never less.
         let lag = t.lag(50, s(5), None, s(2000));
         assert!(lag.bytes.unwrap() >= 50);
         assert!(lag.time >= Duration::from_millis(1990));
-        let pruned = t.clone().pruned(&[(19_000, s(1900))]);
-        assert!(pruned.samples.len() < t.samples.len());
-        assert_eq!(pruned.lag(19_000, s(1900), None, s(2000)), t.lag(19_000, s(1900), None, s(2000)));
-        assert_eq!(t.clone().pruned(&[]).samples.len(), 1, "the newest sample stays");
+        let recent = t.lag(19_850, s(1985), None, s(2000));
+        assert_eq!(recent, Lag { bytes: Some(50), time: Duration::from_millis(10) }, "recent samples are exact");
     }
 }

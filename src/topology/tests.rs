@@ -525,3 +525,245 @@ mod fencing {
         }
     }
 }
+
+/// Rule 10: lag and the read target, against a model of one primary and two replicas whose true
+/// WAL positions the test keeps itself.
+mod reads {
+    use super::*;
+    use crate::topology::read::{Lag, ReadFallback, ReadPolicy, Wal};
+
+    const SYS: u64 = 7;
+
+    fn read_policy(fallback: ReadFallback) -> Policy {
+        Policy { read: Some(ReadPolicy { max_lag_bytes: 1000, max_lag: Duration::from_secs(2), fallback }), ..POLICY }
+    }
+
+    fn primary_at(lsn: u64) -> Observation {
+        let wal = Some(Wal { lsn, streaming: false, receive_timeline: None });
+        Observation::Checked(Probe {
+            address: addr(),
+            in_recovery: false,
+            timeline: Some(1),
+            system_id: Some(SYS),
+            wal,
+        })
+    }
+
+    fn replica_at(lsn: u64, streaming: bool, timeline: u32, sys: u64) -> Observation {
+        let wal = Some(Wal { lsn, streaming, receive_timeline: Some(timeline) });
+        Observation::Checked(Probe { address: addr(), in_recovery: true, timeline: None, system_id: Some(sys), wal })
+    }
+
+    /// Feeds (backend, observation) pairs 100 ms apart; returns the final table and its instant.
+    fn feed(policy: &Policy, events: &[(usize, Observation)]) -> (RoutingTable, Instant) {
+        let t0 = Instant::now();
+        let mut states = backends(3);
+        let mut table = RoutingTable::initial();
+        let mut at = t0;
+        for (i, (b, obs)) in events.iter().enumerate() {
+            at = t0 + Duration::from_millis(100 * i as u64);
+            states[*b].state = states[*b].state.observe(obs, at);
+            table = decide(&table, &states, None, policy, at);
+        }
+        (table, at)
+    }
+
+    #[test]
+    fn an_idle_primary_does_not_make_a_caught_up_replica_look_behind() {
+        let mut events = Vec::new();
+        for _ in 0..50 {
+            events.push((0, primary_at(5000)));
+            events.push((1, replica_at(5000, true, 1, SYS)));
+        }
+        let (table, now) = feed(&read_policy(ReadFallback::Refuse), &events);
+        let r = table.backend(BackendId(1)).unwrap();
+        assert_eq!(r.lag, Some(Lag { bytes: Some(0), time: Duration::ZERO }));
+        assert!(r.readable, "{r:?}");
+        assert_eq!(table.target(Route::Read, |_| 0, now).map(|t| t.id), Some(BackendId(1)));
+    }
+
+    #[test]
+    fn a_replica_behind_takes_no_reads_and_loses_its_sessions_after_fall_checks() {
+        let policy = read_policy(ReadFallback::Leader);
+        let mut events = vec![(0, primary_at(100)), (1, replica_at(100, true, 1, SYS)), (0, primary_at(100))];
+        let (table, now) = feed(&policy, &events);
+        assert_eq!(table.target(Route::Read, |_| 0, now).map(|t| t.id), Some(BackendId(1)));
+        // Replay stops while the primary writes 10 kB.
+        for _ in 0..3 {
+            events.push((1, replica_at(100, true, 1, SYS)));
+            events.push((0, primary_at(10_100)));
+        }
+        let (table, now) = feed(&policy, &events);
+        let r = table.backend(BackendId(1)).unwrap();
+        assert_eq!(r.read_block, Some(ReadBlock::LagBytes));
+        assert!(!r.readable);
+        assert_eq!(r.read_cut, Some(CutReason::Lag), "out of bounds for fall = 3 checks");
+        // Reads fall back to the leader; its own read sessions obey the leader's rules.
+        assert_eq!(table.target(Route::Read, |_| 0, now).map(|t| t.id), Some(BackendId(0)));
+        assert_eq!(table.cut_reason_for(Route::Read, BackendId(0), now), None);
+        assert_eq!(table.cut_reason_for(Route::Read, BackendId(1), now), Some(CutReason::Lag));
+        // Refuse: nowhere to go, and the reason names the lag.
+        let (table, now) = feed(&read_policy(ReadFallback::Refuse), &events);
+        assert_eq!(table.target(Route::Read, |_| 0, now), None);
+        assert!(table.read_refusal().contains("more than max_lag_bytes behind"), "{}", table.read_refusal());
+    }
+
+    #[test]
+    fn reads_need_streaming_the_leaders_timeline_and_system_and_pick_the_least_loaded() {
+        let policy = read_policy(ReadFallback::Refuse);
+        let base = vec![(0, primary_at(100)), (1, replica_at(100, true, 1, SYS)), (2, replica_at(100, true, 1, SYS))];
+        let with = |extra: (usize, Observation)| {
+            let mut e = base.clone();
+            e.push(extra);
+            e.push((0, primary_at(100)));
+            feed(&policy, &e)
+        };
+        let (t, now) = with((2, replica_at(100, true, 1, SYS)));
+        assert_eq!(
+            t.target(Route::Read, |id| if id == BackendId(1) { 5 } else { 1 }, now).map(|t| t.id),
+            Some(BackendId(2))
+        );
+        assert_eq!(
+            t.target(Route::Read, |id| if id == BackendId(1) { 0 } else { 1 }, now).map(|t| t.id),
+            Some(BackendId(1))
+        );
+        for (obs, block) in [
+            (replica_at(100, false, 1, SYS), ReadBlock::NotStreaming),
+            (replica_at(100, true, 2, SYS), ReadBlock::OtherTimeline),
+            (replica_at(100, true, 1, 8), ReadBlock::OtherSystem),
+            (failed(), ReadBlock::CheckFailed),
+        ] {
+            let (t, _) = with((2, obs));
+            assert_eq!(t.backend(BackendId(2)).unwrap().read_block, Some(block));
+        }
+        let (t, now) = with((2, replica_at(100, true, 1, 8)));
+        assert_eq!(t.cut_reason_for(Route::Read, BackendId(2), now), Some(CutReason::OtherSystem));
+    }
+
+    #[test]
+    fn a_promoted_replica_keeps_its_read_sessions() {
+        let policy = read_policy(ReadFallback::Refuse);
+        let events = vec![
+            (0, primary_at(100)),
+            (1, replica_at(100, true, 1, SYS)),
+            (0, failed()),
+            (0, failed()),
+            (0, failed()),
+            (
+                1,
+                Observation::Checked(Probe {
+                    address: addr(),
+                    in_recovery: false,
+                    timeline: Some(2),
+                    system_id: Some(SYS),
+                    wal: None,
+                }),
+            ),
+        ];
+        let (t, now) = feed(&policy, &events);
+        assert_eq!(t.leader, Some(BackendId(1)));
+        assert_eq!(t.cut_reason_for(Route::Read, BackendId(1), now), None);
+        assert_eq!(t.cut_reason_for(Route::Write, BackendId(0), now), Some(CutReason::Down));
+    }
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// The primary writes this many bytes (nobody checks).
+        Write(u16),
+        /// Replica `i` replays this many bytes of what it lacks.
+        Replay(bool, u16),
+        CheckPrimary,
+        /// Replica `i` is checked (streaming or not).
+        CheckReplica(bool, bool),
+        Fail(u8),
+    }
+
+    fn arb_step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            any::<u16>().prop_map(Step::Write),
+            (any::<bool>(), any::<u16>()).prop_map(|(i, n)| Step::Replay(i, n)),
+            Just(Step::CheckPrimary),
+            (any::<bool>(), prop::bool::weighted(0.9)).prop_map(|(i, s)| Step::CheckReplica(i, s)),
+            (0u8..3).prop_map(Step::Fail),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn read_invariants(steps in proptest::collection::vec(arb_step(), 0..120), refuse in any::<bool>()) {
+            let fallback = if refuse { ReadFallback::Refuse } else { ReadFallback::Leader };
+            let policy = read_policy(fallback);
+            let bounds = policy.read.unwrap();
+            let t0 = Instant::now();
+            let mut states = backends(3);
+            let mut table = RoutingTable::initial();
+            let mut leader_lsn = 0u64;
+            let mut replay = [0u64; 2];
+            // Per replica: its latest check (replay it reported, the primary's true position then,
+            // and whether a primary check has followed it).
+            let mut checks: [Option<(u64, u64, bool)>; 2] = [None; 2];
+            // The first primary check that saw a position each replica's report had not reached.
+            let mut seen: Vec<(u64, Instant)> = Vec::new();
+            for (i, step) in steps.iter().enumerate() {
+                let now = t0 + Duration::from_millis(100 * i as u64);
+                let observed = match step {
+                    Step::Write(n) => { leader_lsn += u64::from(*n); None }
+                    Step::Replay(r, n) => {
+                        let r = usize::from(*r);
+                        replay[r] = (replay[r] + u64::from(*n)).min(leader_lsn);
+                        None
+                    }
+                    Step::CheckPrimary => {
+                        for c in checks.iter_mut().flatten() { c.2 = true; }
+                        seen.push((leader_lsn, now));
+                        Some((0, primary_at(leader_lsn)))
+                    }
+                    Step::CheckReplica(r, streaming) => {
+                        let r = usize::from(*r);
+                        checks[r] = Some((replay[r], leader_lsn, false));
+                        Some((r + 1, replica_at(replay[r], *streaming, 1, SYS)))
+                    }
+                    Step::Fail(b) => Some((usize::from(*b), failed())),
+                };
+                if let Some((b, obs)) = observed {
+                    states[b].state = states[b].state.observe(&obs, now);
+                }
+                let next = decide(&table, &states, None, &policy, now);
+                for r in 0..2 {
+                    let v = next.backend(BackendId(r as u32 + 1)).unwrap();
+                    if v.readable {
+                        let lag = v.lag.unwrap();
+                        prop_assert!(lag.bytes.is_some_and(|b| b <= bounds.max_lag_bytes), "{lag:?}");
+                        prop_assert!(lag.time <= bounds.max_lag);
+                        prop_assert!(v.state.last_probe.is_some_and(|p| p.in_recovery) && v.state.fail_streak == 0);
+                    }
+                    // Bytes: never below the true lag at the replica's latest check once a primary
+                    // check has followed it (the estimate it is paired with).
+                    if let (Some(lag), Some((reported, truth, paired)), Some(0)) =
+                        (v.lag, checks[r], next.leader.map(|l| l.0))
+                    {
+                        if paired && states[r + 1].state.fail_streak == 0 {
+                            prop_assert!(lag.bytes.is_some_and(|b| b >= truth - reported), "{lag:?} vs {truth} - {reported}");
+                        }
+                        // Time: at least as long as since the first primary position above it.
+                        if let Some(&(_, since)) = seen.iter().find(|(lsn, _)| *lsn > reported) {
+                            prop_assert!(lag.time >= now - since);
+                        } else {
+                            prop_assert_eq!(lag.time, Duration::ZERO);
+                        }
+                    }
+                }
+                // The target: a replica in bounds, or the leader under fallback = "leader";
+                // never a backend out of recovery otherwise.
+                if let Some(t) = next.target(Route::Read, |_| 0, now) {
+                    let v = next.backend(t.id).unwrap();
+                    let leader_fallback = fallback == ReadFallback::Leader && next.leader == Some(t.id);
+                    prop_assert!(v.readable || leader_fallback);
+                    prop_assert!(leader_fallback || v.state.last_probe.is_some_and(|p| p.in_recovery));
+                    prop_assert!(next.admits_route(Route::Read, &t, now));
+                }
+                table = next;
+            }
+        }
+    }
+}

@@ -27,6 +27,10 @@ pub const EXPORTED_METRICS: &[&str] = &[
     "pgleader_etcd_confirmation_age_seconds",
     "pgleader_etcd_read_duration_seconds",
     "pgleader_etcd_failsafe_fallback",
+    "pgleader_read_sessions_active",
+    "pgleader_replica_lag_bytes",
+    "pgleader_replica_lag_seconds",
+    "pgleader_replicas_in_bounds",
 ];
 
 /// The histograms among [`EXPORTED_METRICS`], queried through `_bucket`, `_sum` and `_count`.
@@ -112,16 +116,25 @@ fn metric_extraction_is_not_fooled() {
 }
 
 /// The metric families a live pgleader in front of a real PostgreSQL exports (`# TYPE` lines),
-/// with `[etcd]` configured (in observe mode, an endpoint nobody listens on) so that the etcd
-/// metrics are exported too.
+/// with `[etcd]` configured (in observe mode, an endpoint nobody listens on) and `[read_only]`
+/// with a streaming replica, so that the etcd, read and lag metrics are exported too.
 async fn live_metric_families() -> BTreeSet<String> {
     let primary = crate::common::pg::PgNode::start_primary("metrics");
+    let replica = crate::common::pg::PgNode::start_replica(&primary, "metrics-replica");
     let etcd = format!(
-        "[etcd]\nendpoints = [\"http://127.0.0.1:{}\"]\nscope = \"s\"\ntimeout = \"100ms\"\nmode = \"observe\"\n",
+        "[etcd]\nendpoints = [\"http://127.0.0.1:{}\"]\nscope = \"s\"\ntimeout = \"100ms\"\nmode = \"observe\"\n\n\
+         [read_only]\nlisten = \"127.0.0.1:0\"\n",
         crate::common::free_port()
     );
-    let proxy = crate::common::proxy::ProxyBuilder::new(&[&primary]).section(&etcd).start().await;
+    let proxy = crate::common::proxy::ProxyBuilder::new(&[&primary, &replica]).section(&etcd).start().await;
     crate::common::proxy::wait_leader(proxy.admin_addr, Some("metrics")).await;
+    // The lag series exist once the replica's lag has been measured.
+    crate::common::eventually(std::time::Duration::from_secs(30), "the replica's lag is measured", || async {
+        let (_, s) = crate::common::proxy::get(proxy.admin_addr, "/status").await;
+        let s: serde_json::Value = serde_json::from_str(&s).ok()?;
+        s["backends"].as_array()?.iter().any(|b| b["lag_bytes"].is_u64()).then_some(())
+    })
+    .await;
     let (code, body) = crate::common::proxy::get(proxy.admin_addr, "/metrics").await;
     assert_eq!(code, 200);
     proxy.shutdown().await.expect("pgleader drains");

@@ -100,6 +100,17 @@ fn pgleader_job_structure() {
     assert_eq!(text(&readyz.body, "type"), "http");
     assert!(blocks(&readyz.body, "check_restart").is_empty(), "no leader is not a reason to restart pgleader");
 
+    // The read-only port has its own service, whose check is the admin port's /readyz/read.
+    assert_eq!(static_port(j.group(), "pg_read"), 5434);
+    let read = services.iter().find(|s| text(&s.body, "name") == "pgleader-read").expect("service pgleader-read");
+    assert_eq!(text(&read.body, "provider"), "nomad");
+    assert_eq!(text(&read.body, "port"), "pg_read");
+    let check = one(&read.body, "check");
+    assert_eq!(text(&check.body, "type"), "http");
+    assert_eq!(text(&check.body, "port"), "admin");
+    assert_eq!(attr(&check.body, "path").and_then(expr_text).as_deref(), Some("/readyz/read"));
+    assert!(blocks(&check.body, "check_restart").is_empty(), "a lagging replica is not a reason to restart pgleader");
+
     // The task: docker, host network, the rendered config as its --config.
     let task = j.task();
     assert_eq!(text(&task.body, "driver"), "docker");
@@ -134,6 +145,9 @@ fn pgleader_job_renders_a_config_that_pgleader_accepts() {
     assert_eq!(u64::from(config.proxy.listen.port()), static_port(j.group(), "pg"));
     assert_eq!(u64::from(config.admin.listen.port()), static_port(j.group(), "admin"));
     assert!(config.proxy.listen.ip().is_unspecified(), "clients reach :5433 on every address");
+    let read_only = config.read_only.as_ref().expect("the job has a read-only listener");
+    assert_eq!(u64::from(read_only.listen.port()), static_port(j.group(), "pg_read"));
+    assert!(read_only.listen.ip().is_unspecified());
     assert!(
         !config.admin.listen.ip().is_loopback(),
         "Nomad checks and Prometheus must reach the admin port from outside the process"

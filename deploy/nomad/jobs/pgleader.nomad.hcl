@@ -61,6 +61,11 @@ job "pgleader" {
       port "admin" {
         static = 9543
       }
+
+      # The read-only listener ([read_only] below): sessions go to a replica within the lag bounds.
+      port "pg_read" {
+        static = 5434
+      }
     }
 
     # Service name and tags are what deploy/prometheus/prometheus.yml selects on.
@@ -93,6 +98,24 @@ job "pgleader" {
           limit = 3
           grace = "30s"
         }
+      }
+    }
+
+    # The read-only port's own service: ready while a read session can be served (a replica in
+    # bounds, or the leader as the fallback). Its check asks the admin port's /readyz/read.
+    service {
+      provider = "nomad"
+      name     = "pgleader-read"
+      port     = "pg_read"
+      tags     = ["pgleader", "read-only", "node=${node.unique.name}"]
+
+      check {
+        name     = "readyz-read"
+        type     = "http"
+        port     = "admin"
+        path     = "/readyz/read"
+        interval = "5s"
+        timeout  = "2s"
       }
     }
 
@@ -171,6 +194,16 @@ scope = "vietmarket"          # PATRONI_SCOPE in deploy/nomad/jobs/timescaledb-h
 timeout = "500ms"             # one read, across endpoints; below [health] interval
 max_staleness = "3s"          # one confirmation lasts at most this; above interval + timeout
 mode = "enforce"              # "observe" to roll out: decide and report, route as SQL alone
+
+[read_only]
+# Reads on :5434 (runbook, "Read-only listener"): chart pages and "latest" queries to the replica
+# within these bounds. fallback = "leader" keeps reads served when the replica is down or behind;
+# apps that must never write through this port use fallback = "refuse" (the port routes, it does
+# not make sessions read-only).
+listen = "0.0.0.0:5434"
+max_lag_bytes = 16777216      # 16 MiB of WAL
+max_lag = "5s"
+fallback = "leader"
 
 [[backend]]
 name = "optiplex"

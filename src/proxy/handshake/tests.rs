@@ -54,6 +54,7 @@ fn table(leader: Option<u32>, epoch: u64) -> Arc<RoutingTable> {
                 read_block: None,
                 read_cut: None,
                 out_of_bounds_streak: 0,
+                counted_check: 0,
             }
         })
         .collect();
