@@ -19,7 +19,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 
 /// A duration key: section, name, its upper bound, and whether zero is allowed.
-const DURATIONS: [(&str, &str, Duration, bool); 7] = [
+const DURATIONS: [(&str, &str, Duration, bool); 8] = [
     ("proxy", "leader_wait_timeout", Duration::from_secs(600), false),
     ("proxy", "connect_timeout", Duration::from_secs(60), false),
     ("proxy", "client_hello_timeout", Duration::from_secs(600), false),
@@ -27,11 +27,16 @@ const DURATIONS: [(&str, &str, Duration, bool); 7] = [
     ("health", "interval", Duration::from_secs(60), false),
     ("health", "fast_interval", Duration::from_secs(60), false),
     ("health", "timeout", Duration::from_secs(60), false),
+    ("read_only", "max_lag", Duration::from_secs(86_400), false),
 ];
 
 /// A count key: section, name, upper bound (the lower bound is 1).
-const COUNTS: [(&str, &str, u64); 3] =
-    [("proxy", "max_connections", 262_143), ("health", "rise", 100), ("health", "fall", 100)];
+const COUNTS: [(&str, &str, u64); 4] = [
+    ("proxy", "max_connections", 262_143),
+    ("health", "rise", 100),
+    ("health", "fall", 100),
+    ("read_only", "max_lag_bytes", 1 << 40),
+];
 
 /// Values inside a duration key's bounds: the edges and anything between.
 fn duration_inside(max: Duration, zero_ok: bool) -> BoxedStrategy<Duration> {
@@ -100,18 +105,22 @@ fn valid_values() -> impl Strategy<Value = Values> {
 
 impl Values {
     fn toml(&self, backend_port: u16) -> String {
-        let mut proxy = String::from("[proxy]\nlisten = \"127.0.0.1:0\"\n");
-        let mut health = String::from("[health]\nuser = \"postgres\"\n");
+        let mut sections = std::collections::BTreeMap::from([
+            ("proxy", String::from("[proxy]\nlisten = \"127.0.0.1:0\"\n")),
+            ("health", String::from("[health]\nuser = \"postgres\"\n")),
+            ("read_only", String::from("[read_only]\nlisten = \"127.0.0.1:0\"\n")),
+        ]);
         for ((section, key, ..), d) in DURATIONS.iter().zip(&self.durations) {
             let line = format!("{key} = \"{}\"\n", humantime::format_duration(*d));
-            if *section == "proxy" { &mut proxy } else { &mut health }.push_str(&line);
+            sections.get_mut(section).unwrap().push_str(&line);
         }
         for ((section, key, _), n) in COUNTS.iter().zip(&self.counts) {
             let line = format!("{key} = {n}\n");
-            if *section == "proxy" { &mut proxy } else { &mut health }.push_str(&line);
+            sections.get_mut(section).unwrap().push_str(&line);
         }
+        let all: String = sections.into_values().collect();
         format!(
-            "{proxy}[admin]\nlisten = \"127.0.0.1:0\"\n{health}[[backend]]\nname = \"nobody\"\n\
+            "[admin]\nlisten = \"127.0.0.1:0\"\n{all}[[backend]]\nname = \"nobody\"\n\
              address = \"127.0.0.1:{backend_port}\"\n"
         )
     }
