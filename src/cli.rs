@@ -408,7 +408,7 @@ pub fn render(doc: &StatusDoc) -> String {
     }
     let mut out = table(&rows);
     if doc.backends.is_empty() {
-        out.push_str("(no backends configured)\n");
+        out.push_str("(no backends reported yet)\n");
     }
     let why = doc.reason_text.as_deref().or(doc.reason.as_deref()).map(one_line);
     let why = why.map_or_else(String::new, |w| format!(": {w}"));
@@ -651,7 +651,7 @@ mod tests {
         let out = render(&d);
         assert_eq!(row(&out, "x"), ["x", "unknown", "no", "-", "-", "-", "-", "-"]);
         assert!(out.ends_with("no leader\n"), "{out}");
-        assert!(render(&doc(r#"{"backends": []}"#)).contains("(no backends configured)"));
+        assert!(render(&doc(r#"{"backends": []}"#)).contains("(no backends reported yet)"));
     }
 
     #[test]
