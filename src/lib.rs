@@ -15,6 +15,7 @@
 //! single writer (the elector).
 
 pub mod app;
+pub mod cli;
 pub mod config;
 pub mod pgwire;
 pub mod pump;

@@ -1,5 +1,6 @@
 //! The `pgleader` binary: argv → config → tracing → runtime → `app::run_with_signals`.
-//! Exit codes: 0 after a clean drain, 1 on a runtime failure, 2 on a configuration error.
+//! Exit codes: 0 after a clean drain, 1 on a runtime failure, 2 on a configuration error
+//! (`status` has its own, see `cli`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -27,10 +28,17 @@ enum Command {
     /// Validate the configuration, print it with defaults filled in (secrets masked), and exit:
     /// 0 if valid, 2 if not.
     CheckConfig,
+    /// Ask a running pgleader (its admin listener) for its status and print one row per backend:
+    /// exit 0 with a leader, 1 without, 2 when pgleader cannot be reached.
+    Status(pgleader::cli::StatusArgs),
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // `status` talks to a running pgleader; a config file is optional (only its admin address).
+    if let Some(Command::Status(status)) = &args.command {
+        return pgleader::cli::status(status, args.config.as_deref());
+    }
     let Some(path) = args.config.clone() else {
         eprintln!("pgleader: no configuration: pass --config PATH or set PGLEADER_CONFIG");
         return ExitCode::from(2);
