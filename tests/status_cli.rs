@@ -46,12 +46,22 @@ fn keys(v: &serde_json::Value) -> BTreeSet<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_exits_zero_and_without_one_exits_one() {
     let mut cluster = PgCluster::start();
-    let proxy = ProxyBuilder::new(&[&cluster.replica, &cluster.primary]).start().await;
+    let proxy = ProxyBuilder::new(&[&cluster.replica, &cluster.primary])
+        .section("[read_only]\nlisten = \"127.0.0.1:0\"\n")
+        .start()
+        .await;
     wait_leader(proxy.admin_addr, Some("primary")).await;
+    common::eventually(std::time::Duration::from_secs(30), "the replica in read bounds", || async {
+        let s = status(proxy.admin_addr).await;
+        s["backends"].as_array()?.iter().any(|b| b["in_read_bounds"] == true).then_some(())
+    })
+    .await;
     let admin = proxy.admin_addr.to_string();
 
     let (code, out, _) = pgleader_status(&["--admin", &admin]).await;
     assert_eq!(code, 0, "{out}");
+    let reads = format!("read-only {}: reads go to replica; 1 replicas in bounds", proxy.read_only_addr.unwrap());
+    assert!(out.contains(&reads), "{out}");
     let primary = row(&out, "primary");
     assert_eq!(primary[..5], ["primary", cluster.primary.addr().as_str(), "primary", "yes", "*"], "{out}");
     assert_eq!(primary[5], "1", "timeline 1: {out}");
