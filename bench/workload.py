@@ -286,8 +286,8 @@ def report(out_dir):
     sep = "|---|" + "---:|" * (len(cs) + 3)
     have = all(x in cs for x in ("pgleader", "haproxy", "direct"))
 
-    def row(label, vals):
-        r = f"| {label} | " + " | ".join(fmt(v, 0 if "TPS" in label or "/s" in label else 2) for v in vals)
+    def row(label, vals, nd=2):
+        r = f"| {label} | " + " | ".join(fmt(v, nd) for v in vals)
         if have:
             d = dict(zip(cs, vals))
             r += f" | {ratio(d['pgleader'], d['haproxy'])} | {ratio(d['pgleader'], d['direct'])} | " \
@@ -296,18 +296,18 @@ def report(out_dir):
 
     lines += [f"Pool of {a['pool']} long-lived connections, closed loop (medians of {reps} repetitions):", "",
               head, sep]
-    lines.append(row("throughput, all classes (TPS)", [m(c, "pool", "all", "tps") for c in cs]))
+    lines.append(row("throughput, all classes (TPS)", [m(c, "pool", "all", "tps") for c in cs], 0))
     for cls in CLASSES:
-        lines.append(row(f"{cls}: throughput (TPS)", [m(c, "pool", cls, "tps") for c in cs]))
+        lines.append(row(f"{cls}: throughput (TPS)", [m(c, "pool", cls, "tps") for c in cs], 0))
         lines.append(row(f"{cls}: p50 (ms)", [m(c, "pool", cls, "p50_ms") for c in cs]))
         lines.append(row(f"{cls}: p99 (ms)", [m(c, "pool", cls, "p99_ms") for c in cs]))
     lines.append(row("candle rows written per s", [
-        (m(c, "pool", "write", "tps") or 0) * a["batch"] for c in cs]))
+        (m(c, "pool", "write", "tps") or 0) * a["batch"] for c in cs], 0))
     lines.append(row("proxy CPU ms per 1k tx (pool + trickle)", [m(c, "cpu_ms_per_1k_tx") for c in cs]))
     lines += ["", f"Trickle of new connections ({a['trickle_clients']} pgbench clients, `-C -R {a['trickle_rate']}`: "
               "a new connection per transaction, same scripts and weights; latency counted from the "
               "scheduled start, so it includes the connection set-up):", "", head, sep]
-    lines.append(row("transactions per s", [m(c, "trickle", "all", "tps") for c in cs]))
+    lines.append(row("new connections (transactions) per s", [m(c, "trickle", "all", "tps") for c in cs], 1))
     lines.append(row("all classes: p50 (ms)", [m(c, "trickle", "all", "p50_ms") for c in cs]))
     lines.append(row("all classes: p99 (ms)", [m(c, "trickle", "all", "p99_ms") for c in cs]))
     for cls in CLASSES:
