@@ -232,6 +232,9 @@ def point(c, scripts, a, tmp):
             lag.sort()
             s["lag_p99_ms"] = pct(lag, 0.99)
         if name == "trickle":
+            # A few hundred samples per run: keep them, so the report can pool the repetitions
+            # instead of taking the median of per-run maxima.
+            s["raw_us"] = {cls: v for cls, v in lat.items()}
             conn = re.search(r"average connection time = ([\d.]+) ms", out)
             s["avg_connection_ms"] = float(conn.group(1)) if conn else None
         res[name] = s
@@ -304,6 +307,7 @@ def report(out_dir):
     lines.append(row("candle rows written per s", [
         (m(c, "pool", "write", "tps") or 0) * a["batch"] for c in cs], 0))
     lines.append(row("proxy CPU ms per 1k tx (pool + trickle)", [m(c, "cpu_ms_per_1k_tx") for c in cs]))
+    lines.append(row("proxy voluntary context switches per tx", [m(c, "wakeups_per_tx") for c in cs]))
     lines += ["", f"Trickle of new connections ({a['trickle_clients']} pgbench clients, `-C -R {a['trickle_rate']}`: "
               "a new connection per transaction, same scripts and weights; latency counted from the "
               "scheduled start, so it includes the connection set-up):", "", head, sep]
@@ -313,6 +317,15 @@ def report(out_dir):
     for cls in CLASSES:
         lines.append(row(f"{cls}: p50 (ms)", [m(c, "trickle", cls, "p50_ms") for c in cs]))
         lines.append(row(f"{cls}: p99 (ms)", [m(c, "trickle", cls, "p99_ms") for c in cs]))
+    pooled = {c: {cls: sorted(x for r in by[c] for x in r["trickle"].get("raw_us", {}).get(cls, []))
+                  for cls in CLASSES} for c in cs}
+    if all(pooled[c][cls] for c in cs for cls in CLASSES):
+        for c in cs:
+            pooled[c]["all"] = sorted(x for cls in CLASSES for x in pooled[c][cls])
+        for cls in ("all",) + CLASSES:
+            lines.append(row(f"{cls}: p99 (ms), all {reps} repetitions pooled (n = "
+                             + "/".join(str(len(pooled[c][cls])) for c in cs) + ")",
+                             [pct(pooled[c][cls], 0.99) for c in cs]))
     lines.append(row("pgbench average connection time (ms)", [m(c, "trickle", "avg_connection_ms") for c in cs]))
     fails = sum((r["pool"]["failed"] + r["trickle"]["failed"]) for r in rows)
     lines += ["", f"Failed transactions, all points: {fails}."]
