@@ -484,7 +484,7 @@ impl ReadBlock {
             ReadBlock::NoLeader => "no leader to measure its lag against",
             ReadBlock::CheckFailed => "its latest health check failed",
             ReadBlock::NotStreaming => "its WAL receiver is not streaming",
-            ReadBlock::OtherSystem => "it follows another database system",
+            ReadBlock::OtherSystem => "it follows another database system (or a system identifier is unknown)",
             ReadBlock::OtherTimeline => "it streams another timeline than the leader's",
             ReadBlock::LagUnknown => "its lag is not measured yet",
             ReadBlock::LagBytes => "more than max_lag_bytes behind",
@@ -673,7 +673,9 @@ impl RoutingTable {
         match route {
             Route::Write => leads,
             Route::Read => {
-                self.backend(target.id).is_some_and(|b| b.readable) || (self.falls_back_to_leader() && leads)
+                let replica =
+                    self.backend(target.id).is_some_and(|b| b.readable && b.resolved() == Some(target.address));
+                replica || (self.falls_back_to_leader() && leads)
             }
         }
     }
@@ -859,7 +861,12 @@ fn reads(
 ) -> read::LagTracker {
     let leader = reference.map(|i| &backends[i]);
     let leader_probe = leader.and_then(|b| b.state.last_probe);
-    let sample = leader.and_then(|b| Some((b.state.last_probe?.wal?.lsn, b.state.probed_at?)));
+    // The leader's position as of the start of its check (`probed_at` is its end): a replica's
+    // check that ended before it really was read before the leader's (see `read`).
+    let sample = leader.and_then(|b| {
+        let started = b.state.probed_at?.checked_sub(b.state.last_check_latency.unwrap_or_default())?;
+        Some((b.state.last_probe?.wal?.lsn, started))
+    });
     let tracker = prev.lag.with_sample(leader.map(|b| b.id), sample);
     let same_reference = prev.lag.reference() == tracker.reference();
     for (v, b) in views.iter_mut().zip(backends) {
@@ -870,11 +877,13 @@ fn reads(
             let previous = before.and_then(|p| p.lag).filter(|_| same_reference);
             v.lag = Some(tracker.lag(w.lsn, checked, previous, now));
         }
-        let other_system = leader_probe.is_some_and(|l| l.system_id.is_none() || l.system_id != probe.system_id);
+        // A system that differs is a cut; one that is not known (its query failed) only blocks.
+        let unknown_system = leader_probe.is_some_and(|l| l.system_id.is_none() || probe.system_id.is_none());
+        let other_system = leader_probe.is_some_and(|l| l.system_id != probe.system_id) && !unknown_system;
         let block = match (leader_probe, wal, v.lag) {
             (None, _, _) => Some(ReadBlock::NoLeader),
             _ if !b.state.passes(policy, now) => Some(ReadBlock::CheckFailed),
-            _ if other_system => Some(ReadBlock::OtherSystem),
+            _ if other_system || unknown_system => Some(ReadBlock::OtherSystem),
             (_, None, _) => Some(ReadBlock::NotStreaming),
             (_, Some(w), _) if !w.streaming => Some(ReadBlock::NotStreaming),
             (Some(l), Some(w), _) if w.receive_timeline.is_none() || w.receive_timeline != l.timeline => {

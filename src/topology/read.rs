@@ -9,7 +9,10 @@
 //! - **Byte lag** of a replica is `L - R`: `R` its replay position at its latest check, `L` the
 //!   first leader sample taken *at or after* that check. The leader's LSN only grows, so `L` is at
 //!   least the leader's position when `R` was read: the error is an over-estimate, never under.
-//!   Until such a sample exists the previous estimate stands (one check interval at most).
+//!   Until such a sample exists the previous estimate stands (one check interval at most),
+//!   raised to what the newest leader sample already shows. A leader sample is stamped with the
+//!   instant its check *started* and a replica's with the instant its check *ended*, so a pair
+//!   really has the leader's position read after the replica's.
 //! - **Time lag** is how long the replica's replay position has stayed behind a leader position
 //!   pgleader saw: `now` minus the instant of the earliest sample above `R`; nothing pending is
 //!   zero, so an idle primary never makes a replica look behind.
@@ -140,7 +143,11 @@ impl LagTracker {
         let paired = self.samples.iter().find(|(_, at)| *at >= checked).map(|(lsn, _)| lsn.saturating_sub(replay));
         let behind_since = self.samples.iter().find(|(lsn, _)| *lsn > replay).map(|(_, at)| *at);
         Lag {
-            bytes: paired.or(previous.and_then(|p| p.bytes)),
+            // Unpaired: the previous estimate, but never below what the newest sample already shows.
+            bytes: paired.or_else(|| {
+                let newest = self.samples.back().map(|(lsn, _)| lsn.saturating_sub(replay));
+                previous.and_then(|p| p.bytes).map(|b| b.max(newest.unwrap_or(0)))
+            }),
             time: behind_since.map_or(Duration::ZERO, |since| now.saturating_duration_since(since)),
         }
     }
@@ -178,7 +185,8 @@ mod tests {
         assert_eq!(t.lag(900, s(10), None, s(10)).bytes, None);
         // ... or the previous estimate stands.
         let prev = Lag { bytes: Some(77), time: Duration::ZERO };
-        assert_eq!(t.lag(900, s(10), Some(prev), s(10)).bytes, Some(77));
+        assert_eq!(t.lag(900, s(10), Some(prev), s(10)).bytes, Some(100), "raised to what the newest sample shows");
+        assert_eq!(t.lag(990, s(10), Some(prev), s(10)).bytes, Some(77));
         // The next leader sample, taken later, is the one it is measured against.
         let t = t.with_sample(REF, Some((1500, s(20))));
         assert_eq!(t.lag(900, s(10), Some(prev), s(20)).bytes, Some(600));

@@ -638,6 +638,17 @@ mod reads {
         }
         let (t, now) = with((2, replica_at(100, true, 1, 8)));
         assert_eq!(t.cut_reason_for(Route::Read, BackendId(2), now), Some(CutReason::OtherSystem));
+        // An unknown system identifier (its query failed) blocks new reads but cuts nothing.
+        let unknown = Observation::Checked(Probe {
+            address: addr(),
+            in_recovery: true,
+            timeline: None,
+            system_id: None,
+            wal: Some(Wal { lsn: 100, streaming: true, receive_timeline: Some(1) }),
+        });
+        let (t, now) = with((2, unknown));
+        assert_eq!(t.backend(BackendId(2)).unwrap().read_block, Some(ReadBlock::OtherSystem));
+        assert_eq!(t.cut_reason_for(Route::Read, BackendId(2), now), None);
     }
 
     #[test]
