@@ -301,7 +301,8 @@ fn bind_clients(config: &Config) -> anyhow::Result<Vec<ListenerSet>> {
     let mut read_at = config.read_only.as_ref().map(|r| r.listen);
     let mut sets = Vec::new();
     for _ in 0..config.proxy.workers.unwrap_or(1) {
-        let main = proxy::bind_std(main_at, max, reuse_port).with_context(|| format!("bind proxy listener {main_at}"))?;
+        let main =
+            proxy::bind_std(main_at, max, reuse_port).with_context(|| format!("bind proxy listener {main_at}"))?;
         main_at = main.local_addr().context("read proxy listener address")?;
         let read = match read_at {
             Some(at) => {
@@ -353,7 +354,10 @@ impl Acceptors {
 /// registers its listeners and accepts on them, so a session's client and backend sockets (and
 /// its task) never leave that thread. The returned task ends when a worker's accept loop ends
 /// outside a drain, or when all of them have ended in one.
-fn spawn_workers(sets: Vec<ListenerSet>, acceptors: &Acceptors) -> anyhow::Result<tokio::task::JoinHandle<Result<(), String>>> {
+fn spawn_workers(
+    sets: Vec<ListenerSet>,
+    acceptors: &Acceptors,
+) -> anyhow::Result<tokio::task::JoinHandle<Result<(), String>>> {
     let (ended_tx, mut ended_rx) = mpsc::unbounded_channel();
     let count = sets.len();
     for (i, set) in sets.into_iter().enumerate() {
@@ -383,7 +387,12 @@ fn spawn_workers(sets: Vec<ListenerSet>, acceptors: &Acceptors) -> anyhow::Resul
 
 /// One worker thread: its accept loops, then its sessions until the drain has closed them all
 /// (they run on this thread's runtime, which must outlive them).
-fn run_worker(i: usize, (main, read): ListenerSet, acceptors: Acceptors, ended: &mpsc::UnboundedSender<Result<(), String>>) {
+fn run_worker(
+    i: usize,
+    (main, read): ListenerSet,
+    acceptors: Acceptors,
+    ended: &mpsc::UnboundedSender<Result<(), String>>,
+) {
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -394,7 +403,8 @@ fn run_worker(i: usize, (main, read): ListenerSet, acceptors: Acceptors, ended: 
     let tracker = acceptors.tracker.clone();
     let accepting = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         runtime.block_on(async {
-            let main = TcpListener::from_std(main).map_err(|e| format!("worker {i}: register the proxy listener: {e}"))?;
+            let main =
+                TcpListener::from_std(main).map_err(|e| format!("worker {i}: register the proxy listener: {e}"))?;
             let read = read
                 .map(TcpListener::from_std)
                 .transpose()
@@ -403,9 +413,8 @@ fn run_worker(i: usize, (main, read): ListenerSet, acceptors: Acceptors, ended: 
             Ok(())
         })
     }));
-    let result = accepting.unwrap_or_else(|p| {
-        Err(format!("worker {i}'s accept loop panicked: {}", task::panic_message(p.as_ref())))
-    });
+    let result = accepting
+        .unwrap_or_else(|p| Err(format!("worker {i}'s accept loop panicked: {}", task::panic_message(p.as_ref()))));
     let _ = ended.send(result);
     runtime.block_on(tracker.wait());
 }

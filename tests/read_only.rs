@@ -18,7 +18,9 @@ use common::proxy::{connect_via, get, metric, metric_at_least, status, wait_lead
 const PATIENCE: Duration = Duration::from_secs(60);
 
 fn read_only(fallback: &str) -> String {
-    format!("[read_only]\nlisten = \"127.0.0.1:0\"\nmax_lag_bytes = 1048576\nmax_lag = \"5s\"\nfallback = \"{fallback}\"\n")
+    format!(
+        "[read_only]\nlisten = \"127.0.0.1:0\"\nmax_lag_bytes = 1048576\nmax_lag = \"5s\"\nfallback = \"{fallback}\"\n"
+    )
 }
 
 fn backend<'a>(s: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
