@@ -5,6 +5,14 @@
 //! spawn one health checker per backend, the elector, the admin server and the accept loops (one
 //! per listener, in one task: the end of either is fatal).
 //!
+//! Layouts: without `[proxy] workers` everything, sessions included, runs on the runtime `main`
+//! built (multi-threaded). With `workers = N`, each listener is bound N times with
+//! `SO_REUSEPORT` and N OS threads each run a single-threaded runtime with one set of accept
+//! loops; a session lives on the thread that accepted it. Health checks, the elector, the admin
+//! server and this supervisor stay on the main runtime. The drain is the same: the workers stop
+//! accepting on the same token, their sessions are in the same tracker, and each worker keeps its
+//! runtime until the tracker is empty; any worker's accept loop ending outside a drain is fatal.
+//!
 //! Fencing (`[etcd]`): one etcd reader task ([`EtcdWatcher`]) reports what it reads; `app`
 //! turns each report into a [`LeaseEvent`] for the elector (and times the reads). A reload that
 //! changes `[etcd]` restarts the reader and starts the etcd view afresh.
