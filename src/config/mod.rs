@@ -803,4 +803,21 @@ mod tests {
         assert_eq!(d.hot, vec!["health"]);
         assert_eq!(d.restart_required, vec!["proxy.listen"]);
     }
+
+    #[test]
+    fn workers_are_bounded_and_need_a_restart() {
+        let with = |n: &str| Config::from_toml(&format!("[proxy]\nworkers = {n}\n{MINIMAL}"), "t.toml");
+        assert_eq!(Config::from_toml(MINIMAL, "t.toml").unwrap().proxy.workers, None, "unset by default");
+        assert_eq!(with("1").unwrap().proxy.workers, Some(1));
+        assert_eq!(with("1024").unwrap().proxy.workers, Some(1024));
+        for bad in ["0", "1025"] {
+            let err = with(bad).unwrap_err().to_string();
+            assert!(err.contains("proxy.workers (line 2)"), "{err}");
+        }
+        let (a, b) = (with("2").unwrap(), with("4").unwrap());
+        let d = a.diff(&b);
+        assert!(d.hot.is_empty(), "{d:?}");
+        assert_eq!(d.restart_required, vec!["proxy.workers"]);
+        assert!(!Config::from_toml(MINIMAL, "t.toml").unwrap().to_toml().contains("workers"));
+    }
 }
