@@ -219,7 +219,7 @@ class Direct(Contender):
 
 
 class PgLeader(Contender):
-    def __init__(self, tmp, pg, binary, name="pgleader"):
+    def __init__(self, tmp, pg, binary, name="pgleader", workers=None):
         self.name = name
         self.binary = binary
         self.port = free_port()
@@ -227,7 +227,10 @@ class PgLeader(Contender):
         self.conf = os.path.join(tmp, f"{name}.toml")
         self.logf = os.path.join(tmp, f"{name}.log")
         with open(self.conf, "w") as f:
-            f.write(PGLEADER_TOML.format(port=self.port, admin=self.admin, pg=pg.port, user=USER))
+            toml = PGLEADER_TOML.format(port=self.port, admin=self.admin, pg=pg.port, user=USER)
+            if workers is not None:
+                toml = toml.replace("[admin]", f"workers = {workers}\n[admin]", 1)
+            f.write(toml)
 
     def start(self):
         p = subprocess.Popen([self.binary, "--config", self.conf], stdout=subprocess.DEVNULL,
@@ -528,6 +531,8 @@ def main():
     ap.add_argument("--pgleader", default="target/release/pgleader")
     ap.add_argument("--baseline", action="append", default=[],
                     help="another pgleader binary, benchmarked as contender pgleader-base (or NAME=BIN; repeatable)")
+    ap.add_argument("--workers", action="append", default=[],
+                    help="the --pgleader binary again with [proxy] workers = N, as contender NAME (NAME=N; repeatable)")
     ap.add_argument("--only", help="comma-separated contenders to run (default: all)")
     ap.add_argument("--tests", help="comma-separated test groups: idle,active,select,connect,copy")
     ap.add_argument("--out", required=True, help="results directory (runs.jsonl, meta.json)")
@@ -565,6 +570,10 @@ def main():
         for b in a.baseline:
             name, _, path = b.rpartition("=")
             contenders.append(PgLeader(tmp, pg, os.path.abspath(path), name=name or "pgleader-base"))
+        for w in a.workers:
+            name, _, n = w.rpartition("=")
+            contenders.append(PgLeader(tmp, pg, os.path.abspath(a.pgleader), name=name or f"pgleader-w{n}",
+                                       workers=int(n)))
         contenders += [HAProxy(tmp, pg), PgBouncer(tmp, pg)]
         if a.only:
             keep = set(a.only.split(","))

@@ -16,6 +16,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use pgleader::ShardedCounter;
 use prometheus::IntCounter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -48,8 +49,8 @@ async fn pump_proxy(backend: SocketAddr) -> SocketAddr {
                 let Ok(server) = TcpStream::connect(backend).await else { return };
                 let _ = client.set_nodelay(true);
                 let _ = server.set_nodelay(true);
-                let up = IntCounter::new("up", "bytes up").expect("counter");
-                let down = IntCounter::new("down", "bytes down").expect("counter");
+                let up = ShardedCounter::new(IntCounter::new("up", "bytes up").expect("counter"));
+                let down = ShardedCounter::new(IntCounter::new("down", "bytes down").expect("counter"));
                 let (session_up, session_down) = (AtomicU64::new(0), AtomicU64::new(0));
                 let up = Tally { global: &up, session: &session_up };
                 let down = Tally { global: &down, session: &session_down };
@@ -147,7 +148,7 @@ fn bench(c: &mut Criterion) {
 /// What one idle session's pump costs in its task: the size of the `pump_both` future.
 async fn report_future_size(echo: SocketAddr) {
     let (a, b) = (connect(echo).await, connect(echo).await);
-    let counter = IntCounter::new("c", "c").expect("counter");
+    let counter = ShardedCounter::new(IntCounter::new("c", "c").expect("counter"));
     let session = AtomicU64::new(0);
     let tally = Tally { global: &counter, session: &session };
     let pump = pgleader::pump::pump_both(&a, &b, tally, tally);

@@ -5,6 +5,14 @@
 //! spawn one health checker per backend, the elector, the admin server and the accept loops (one
 //! per listener, in one task: the end of either is fatal).
 //!
+//! Layouts: without `[proxy] workers` everything, sessions included, runs on the runtime `main`
+//! built (multi-threaded). With `workers = N`, each listener is bound N times with
+//! `SO_REUSEPORT` and N OS threads each run a single-threaded runtime with one set of accept
+//! loops; a session lives on the thread that accepted it. Health checks, the elector, the admin
+//! server and this supervisor stay on the main runtime. The drain is the same: the workers stop
+//! accepting on the same token, their sessions are in the same tracker, and each worker keeps its
+//! runtime until the tracker is empty; any worker's accept loop ending outside a drain is fatal.
+//!
 //! Fencing (`[etcd]`): one etcd reader task ([`EtcdWatcher`]) reports what it reads; `app`
 //! turns each report into a [`LeaseEvent`] for the elector (and times the reads). A reload that
 //! changes `[etcd]` restarts the reader and starts the etcd view afresh.
@@ -27,7 +35,7 @@
 //! identity (and its sessions) while its name and address stay the same. Listen addresses and
 //! `[log]` need a restart: they are logged and ignored. An invalid file changes nothing.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -142,21 +150,14 @@ async fn start_inner(config: Config, config_path: Option<PathBuf>) -> anyhow::Re
     if !bad.is_empty() {
         anyhow::bail!("invalid configuration: {}", bad.join("; "));
     }
-    let listener = proxy::bind(config.proxy.listen, config.proxy.max_connections)
-        .with_context(|| format!("bind proxy listener {}", config.proxy.listen))?;
+    let client_listeners = bind_clients(&config)?;
     let admin_listener = TcpListener::bind(config.admin.listen)
         .await
         .with_context(|| format!("bind admin listener {}", config.admin.listen))?;
-    let read_listener = match &config.read_only {
-        Some(r) => Some(
-            proxy::bind(r.listen, config.proxy.max_connections)
-                .with_context(|| format!("bind read-only listener {}", r.listen))?,
-        ),
-        None => None,
-    };
-    let proxy_addr = listener.local_addr().context("read proxy listener address")?;
+    let (first, first_read) = &client_listeners[0];
+    let proxy_addr = first.local_addr().context("read proxy listener address")?;
     let read_only_addr =
-        read_listener.as_ref().map(TcpListener::local_addr).transpose().context("read read-only listener address")?;
+        first_read.as_ref().map(StdListener::local_addr).transpose().context("read read-only listener address")?;
     let admin_addr = admin_listener.local_addr().context("read admin listener address")?;
     let password = config.health_password().map_err(anyhow::Error::msg).context("read the health-check password")?;
     let tls = health::tls_connector(config.health.sslmode, config.health.ca_file.as_deref())
@@ -242,27 +243,21 @@ async fn start_inner(config: Config, config_path: Option<PathBuf>) -> anyhow::Re
         hard_stop: hard_stop.clone(),
         sessions: Sessions::default(),
     });
-    let accept = |listener, route| Proxy {
-        listener,
-        route,
-        shared: Arc::clone(&shared),
-        limit: Arc::clone(&limit),
-        stop_accepting: draining.clone(),
-        tracker: tracker.clone(),
-    };
-    let main_loop = accept(listener, Route::Write).run();
-    let read_loop = read_listener.map(|l| accept(l, Route::Read).run());
-    let accept_loop = tokio::spawn(async move {
-        match read_loop {
-            // Either ending ends both: the supervisor treats it as fatal unless draining.
-            Some(read_loop) => tokio::select! {
-                () = main_loop => {}
-                () = read_loop => {}
-            },
-            None => main_loop.await,
+    let acceptors = Acceptors { shared, limit, stop_accepting: draining.clone(), tracker: tracker.clone() };
+    let accept_loop = match config.proxy.workers {
+        None => {
+            let mut sets = client_listeners.into_iter();
+            let (main, read) = sets.next().expect("bind_clients binds one set at least");
+            let main = TcpListener::from_std(main).context("register the proxy listener")?;
+            let read = read.map(TcpListener::from_std).transpose().context("register the read-only listener")?;
+            tokio::spawn(async move {
+                acceptors.run(main, read).await;
+                Ok(())
+            })
         }
-    });
-    tracing::info!(proxy = %proxy_addr, read_only = ?read_only_addr, admin = %admin_addr, backends = ?names, "pgleader started");
+        Some(_) => spawn_workers(client_listeners, &acceptors)?,
+    };
+    tracing::info!(proxy = %proxy_addr, read_only = ?read_only_addr, admin = %admin_addr, backends = ?names, workers = ?config.proxy.workers, "pgleader started");
 
     let drain = Drain { draining: draining.clone(), hard_stop, tracker, accept_loop, accept_done: false };
     let supervisor = tokio::spawn(sup.run(drain, reload_rx, admin_reload_rx));
@@ -299,6 +294,137 @@ pub async fn run_with_signals(config: Config, config_path: PathBuf) -> anyhow::R
             },
         }
     }
+}
+
+/// One main listener and, with `[read_only]`, one read-only listener, not yet registered with a
+/// runtime.
+type ListenerSet = (StdListener, Option<StdListener>);
+
+/// Binds the client listeners: one set, or with `[proxy] workers` one set per worker, all on the
+/// same addresses with `SO_REUSEPORT` (the first set fixes a port 0 for the others).
+fn bind_clients(config: &Config) -> anyhow::Result<Vec<ListenerSet>> {
+    let max = config.proxy.max_connections;
+    let reuse_port = config.proxy.workers.is_some();
+    let mut main_at = config.proxy.listen;
+    let mut read_at = config.read_only.as_ref().map(|r| r.listen);
+    let mut sets = Vec::new();
+    for _ in 0..config.proxy.workers.unwrap_or(1) {
+        let main =
+            proxy::bind_std(main_at, max, reuse_port).with_context(|| format!("bind proxy listener {main_at}"))?;
+        main_at = main.local_addr().context("read proxy listener address")?;
+        let read = match read_at {
+            Some(at) => {
+                let read =
+                    proxy::bind_std(at, max, reuse_port).with_context(|| format!("bind read-only listener {at}"))?;
+                read_at = Some(read.local_addr().context("read read-only listener address")?);
+                Some(read)
+            }
+            None => None,
+        };
+        sets.push((main, read));
+    }
+    Ok(sets)
+}
+
+/// What every accept loop shares, whichever runtime it runs on.
+#[derive(Clone)]
+struct Acceptors {
+    shared: Arc<Shared>,
+    limit: Arc<Semaphore>,
+    stop_accepting: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Acceptors {
+    /// Runs one set's accept loops; either ending ends both (the supervisor treats it as fatal
+    /// unless draining).
+    async fn run(self, main: TcpListener, read: Option<TcpListener>) {
+        let accept = |listener, route| Proxy {
+            listener,
+            route,
+            shared: Arc::clone(&self.shared),
+            limit: Arc::clone(&self.limit),
+            stop_accepting: self.stop_accepting.clone(),
+            tracker: self.tracker.clone(),
+        };
+        let main_loop = accept(main, Route::Write).run();
+        match read.map(|l| accept(l, Route::Read).run()) {
+            Some(read_loop) => tokio::select! {
+                () = main_loop => {}
+                () = read_loop => {}
+            },
+            None => main_loop.await,
+        }
+    }
+}
+
+/// `[proxy] workers`: one OS thread per listener set, each with a single-threaded runtime that
+/// registers its listeners and accepts on them, so a session's client and backend sockets (and
+/// its task) never leave that thread. The returned task ends when a worker's accept loop ends
+/// outside a drain, or when all of them have ended in one.
+fn spawn_workers(
+    sets: Vec<ListenerSet>,
+    acceptors: &Acceptors,
+) -> anyhow::Result<tokio::task::JoinHandle<Result<(), String>>> {
+    let (ended_tx, mut ended_rx) = mpsc::unbounded_channel();
+    let count = sets.len();
+    for (i, set) in sets.into_iter().enumerate() {
+        let (mine, ended) = (acceptors.clone(), ended_tx.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("pgleader-worker-{i}"))
+            .spawn(move || run_worker(i, set, mine, &ended));
+        if let Err(e) = spawned {
+            // The workers already running stop accepting and end once their sessions have.
+            acceptors.stop_accepting.cancel();
+            acceptors.tracker.close();
+            return Err(e).with_context(|| format!("start worker thread {i}"));
+        }
+    }
+    let draining = acceptors.stop_accepting.clone();
+    Ok(tokio::spawn(async move {
+        let mut open = count;
+        while let Some(ended) = ended_rx.recv().await {
+            open -= 1;
+            if ended.is_err() || !draining.is_cancelled() || open == 0 {
+                return ended;
+            }
+        }
+        Err("the worker threads are gone".to_owned())
+    }))
+}
+
+/// One worker thread: its accept loops, then its sessions until the drain has closed them all
+/// (they run on this thread's runtime, which must outlive them).
+fn run_worker(
+    i: usize,
+    (main, read): ListenerSet,
+    acceptors: Acceptors,
+    ended: &mpsc::UnboundedSender<Result<(), String>>,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = ended.send(Err(format!("worker {i} cannot start its runtime: {e}")));
+            return;
+        }
+    };
+    let tracker = acceptors.tracker.clone();
+    let accepting = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        runtime.block_on(async {
+            let main =
+                TcpListener::from_std(main).map_err(|e| format!("worker {i}: register the proxy listener: {e}"))?;
+            let read = read
+                .map(TcpListener::from_std)
+                .transpose()
+                .map_err(|e| format!("worker {i}: register the read-only listener: {e}"))?;
+            acceptors.run(main, read).await;
+            Ok(())
+        })
+    }));
+    let result = accepting
+        .unwrap_or_else(|p| Err(format!("worker {i}'s accept loop panicked: {}", task::panic_message(p.as_ref()))));
+    let _ = ended.send(result);
+    runtime.block_on(tracker.wait());
 }
 
 fn proxy_settings(config: &Config) -> ProxySettings {
@@ -391,7 +517,9 @@ struct Drain {
     /// Cancelled when the grace period ends: sessions close.
     hard_stop: CancellationToken,
     tracker: TaskTracker,
-    accept_loop: tokio::task::JoinHandle<()>,
+    /// Ends when a listener's accept loop ends (with `[proxy] workers`: any worker's, or all of
+    /// them during the drain); `Err` says why when it was not a plain return.
+    accept_loop: tokio::task::JoinHandle<Result<(), String>>,
     /// The accept loop's handle has already completed (a JoinHandle must not be polled again).
     accept_done: bool,
 }
@@ -559,7 +687,8 @@ impl Supervisor {
                         break; // it stopped because the drain began
                     }
                     let what = match ended {
-                        Ok(()) => "the accept loop stopped".to_owned(),
+                        Ok(Ok(())) => "the accept loop stopped".to_owned(),
+                        Ok(Err(what)) => what,
                         Err(e) if e.is_panic() => format!("the accept loop panicked: {}", task::panic_message(e.into_panic().as_ref())),
                         Err(e) => format!("the accept loop failed: {e}"),
                     };
@@ -639,6 +768,7 @@ impl Supervisor {
         }
         let mut applied = new.clone();
         applied.proxy.listen = self.config.proxy.listen;
+        applied.proxy.workers = self.config.proxy.workers;
         applied.admin.listen = self.config.admin.listen;
         applied.log = self.config.log.clone();
         // The read-only listener stays as it was bound; only its bounds and fallback change.

@@ -37,3 +37,4 @@ pub use config::Config;
 pub use etcd::{
     normalise_prefix, DynamicConfig, EtcdRead, EtcdReport, EtcdSettings, EtcdWatcher, LeaderKey, MemberInfo, WatchEvent,
 };
+pub use metrics::ShardedCounter;

@@ -58,7 +58,13 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_tracing(args.log_format.unwrap_or(config.log.format), config.log.filter.as_deref());
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // With `[proxy] workers` the sessions run on the workers' own threads; the main runtime keeps
+    // only health checks, the elector and the admin server, which one thread serves.
+    let mut builder = match config.proxy.workers {
+        None => tokio::runtime::Builder::new_multi_thread(),
+        Some(_) => tokio::runtime::Builder::new_current_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("pgleader: cannot start the async runtime: {e}");

@@ -5,7 +5,8 @@
 //! from client input. Per-backend and per-result series are pre-initialised so dashboards have no
 //! gaps. This module must not depend on any other module of the crate.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -125,9 +126,9 @@ pub struct Metrics {
     pub sessions: IntCounterVec,
     pub sessions_cut: IntCounterVec,
     pub task_restarts: IntCounterVec,
-    /// Pre-resolved children of `pgleader_session_bytes_total`, so the byte pump does no lookup.
-    pub bytes_client_to_backend: IntCounter,
-    pub bytes_backend_to_client: IntCounter,
+    /// `pgleader_session_bytes_total`, sharded by thread (the byte pump adds to them per message).
+    pub bytes_client_to_backend: ShardedCounter,
+    pub bytes_backend_to_client: ShardedCounter,
     pub health_checks: IntCounterVec,
     pub health_check_duration: HistogramVec,
     pub leader_wait: Histogram,
@@ -224,8 +225,8 @@ impl Metrics {
                 &["task"],
             )
             .expect("valid metric"),
-            bytes_client_to_backend: bytes.with_label_values(&["client_to_backend"]),
-            bytes_backend_to_client: bytes.with_label_values(&["backend_to_client"]),
+            bytes_client_to_backend: ShardedCounter::new(bytes.with_label_values(&["client_to_backend"])),
+            bytes_backend_to_client: ShardedCounter::new(bytes.with_label_values(&["backend_to_client"])),
             health_checks: IntCounterVec::new(
                 Opts::new("pgleader_health_checks_total", "Health checks by result (ok, failed, lost)"),
                 &["backend", "result"],
@@ -410,12 +411,67 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> Vec<u8> {
+        self.bytes_client_to_backend.export();
+        self.bytes_backend_to_client.export();
         let mut out = Vec::with_capacity(8 * 1024);
         // Encoding into a Vec cannot fail for I/O reasons; a failure would be a registry bug.
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
             out.extend_from_slice(format!("# encode error: {e}\n").as_bytes());
         }
         out
+    }
+}
+
+/// Shards of a [`ShardedCounter`]: threads beyond this many share shards (round robin).
+const SHARDS: usize = 16;
+
+/// A counter added to from every runtime thread per message: each thread adds to its own shard,
+/// on its own cache line, so the threads never contend for one line; a scrape sums the shards
+/// into the exported Prometheus counter.
+pub struct ShardedCounter {
+    shards: Box<[Shard]>,
+    exported: IntCounter,
+    /// Serialises [`ShardedCounter::export`], so two scrapes cannot both add the same bytes.
+    exporting: Mutex<()>,
+}
+
+/// One cache line (two, against adjacent-line prefetch) per shard.
+#[repr(align(128))]
+#[derive(Default)]
+struct Shard(AtomicU64);
+
+thread_local! {
+    /// This thread's shard, assigned round robin on first use.
+    static SHARD: usize = {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS
+    };
+}
+
+impl ShardedCounter {
+    /// Sums into `exported`, which must not be added to otherwise.
+    pub fn new(exported: IntCounter) -> ShardedCounter {
+        ShardedCounter { shards: (0..SHARDS).map(|_| Shard::default()).collect(), exported, exporting: Mutex::new(()) }
+    }
+
+    /// Adds `n` to this thread's shard.
+    pub fn inc_by(&self, n: u64) {
+        let i = SHARD.with(|i| *i);
+        self.shards[i].0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The total so far.
+    pub fn get(&self) -> u64 {
+        self.shards.iter().map(|s| s.0.load(Ordering::Relaxed)).fold(0, u64::wrapping_add)
+    }
+
+    /// Brings the exported counter up to the total.
+    fn export(&self) {
+        let _one_at_a_time = self.exporting.lock();
+        let (total, exported) = (self.get(), self.exported.get());
+        if total > exported {
+            self.exported.inc_by(total - exported);
+        }
     }
 }
 
@@ -446,5 +502,20 @@ mod tests {
         }
         m.remove_backend("a");
         assert!(!String::from_utf8(m.encode()).unwrap().contains("backend=\"a\""));
+    }
+
+    #[test]
+    fn sharded_bytes_are_summed_once_per_scrape() {
+        let m = std::sync::Arc::new(Metrics::new(&[]));
+        let threads: Vec<_> = (0..20)
+            .map(|_| {
+                let m = std::sync::Arc::clone(&m);
+                std::thread::spawn(move || (0..100).for_each(|_| m.bytes_backend_to_client.inc_by(3)))
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        let line = "pgleader_session_bytes_total{direction=\"backend_to_client\"} 6000\n";
+        assert!(String::from_utf8(m.encode()).unwrap().contains(line));
+        assert!(String::from_utf8(m.encode()).unwrap().contains(line), "a second scrape adds nothing");
     }
 }

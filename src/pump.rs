@@ -4,7 +4,7 @@
 //! thread's scratch buffer in a synchronous step (so the buffer is not part of the session's
 //! future); only bytes the destination cannot take yet are copied to the heap, and that copy is
 //! freed once written. No locks, no logging, no allocation per message; the byte counters are
-//! atomics.
+//! atomics, the global ones sharded by thread so the runtime threads do not contend for them.
 //!
 //! Per message, in each direction, it costs one `recv` and one `send`: a short read proves the
 //! socket drained (epoll is edge-triggered), so the read readiness is cleared without the extra
@@ -20,7 +20,7 @@ use std::task::{ready, Context, Poll};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use prometheus::IntCounter;
+use crate::metrics::ShardedCounter;
 use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -72,7 +72,7 @@ pub async fn pump_both(client: &TcpStream, backend: &TcpStream, up: Tally<'_>, d
 #[derive(Clone, Copy)]
 pub struct Tally<'a> {
     /// The process-wide metric (`pgleader_session_bytes_total{direction}`).
-    pub global: &'a IntCounter,
+    pub global: &'a ShardedCounter,
     /// This session's total.
     pub session: &'a AtomicU64,
 }

@@ -31,8 +31,9 @@ const DURATIONS: [(&str, &str, Duration, bool); 8] = [
 ];
 
 /// A count key: section, name, upper bound (the lower bound is 1).
-const COUNTS: [(&str, &str, u64); 4] = [
+const COUNTS: [(&str, &str, u64); 5] = [
     ("proxy", "max_connections", 262_143),
+    ("proxy", "workers", 1024),
     ("health", "rise", 100),
     ("health", "fall", 100),
     ("read_only", "max_lag_bytes", 1 << 40),

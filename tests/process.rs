@@ -160,8 +160,13 @@ impl Process {
 }
 
 fn config_for(node: &PgNode, grace: &str) -> tempfile::NamedTempFile {
+    config_with(node, grace, "")
+}
+
+/// `proxy_extra`: more `[proxy]` lines (such as `workers = 2`).
+fn config_with(node: &PgNode, grace: &str, proxy_extra: &str) -> tempfile::NamedTempFile {
     write_temp(&format!(
-        "[proxy]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"{grace}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"{grace}\"\n{proxy_extra}[admin]\nlisten = \"127.0.0.1:0\"\n\
          [health]\nuser = \"postgres\"\npassword = \"hunter2\"\ninterval = \"200ms\"\n[[backend]]\nname = \"db\"\naddress = \"{}\"\n",
         node.addr()
     ))
@@ -176,8 +181,19 @@ async fn wait_ready(admin: SocketAddr) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_open_sessions_then_exits_zero() {
-    let primary = PgNode::start_primary("drain");
-    let config = config_for(&primary, "30s");
+    drains_open_sessions("drain", "").await;
+}
+
+/// The same drain with thread-per-core workers: the session lives on a worker thread, whose
+/// runtime must outlive the accept loop until the session ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_open_sessions_on_worker_threads() {
+    drains_open_sessions("drain-workers", "workers = 2\n").await;
+}
+
+async fn drains_open_sessions(name: &str, proxy_extra: &str) {
+    let primary = PgNode::start_primary(name);
+    let config = config_with(&primary, "30s", proxy_extra);
     let mut pgleader = Process::start(config.path());
     wait_ready(pgleader.admin).await;
     let session = connect_via(pgleader.proxy, "postgres").await.unwrap();
@@ -209,8 +225,17 @@ async fn sigterm_drains_open_sessions_then_exits_zero() {
 /// actually lasted is printed, not asserted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_cuts_sessions_left_at_the_end_of_the_grace_period() {
-    let primary = PgNode::start_primary("grace");
-    let config = config_for(&primary, "8s");
+    cuts_sessions_at_the_end_of_the_grace("grace", "").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_cuts_sessions_on_worker_threads_at_the_end_of_the_grace_period() {
+    cuts_sessions_at_the_end_of_the_grace("grace-workers", "workers = 2\n").await;
+}
+
+async fn cuts_sessions_at_the_end_of_the_grace(name: &str, proxy_extra: &str) {
+    let primary = PgNode::start_primary(name);
+    let config = config_with(&primary, "8s", proxy_extra);
     let mut pgleader = Process::start(config.path());
     wait_ready(pgleader.admin).await;
     let session = connect_via(pgleader.proxy, "postgres").await.unwrap();

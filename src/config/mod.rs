@@ -139,6 +139,11 @@ pub struct ProxyConfig {
     /// Client networks allowed to connect (CIDRs); others get 28000. Default: everyone.
     #[serde(default = "default_allow")]
     pub allow: Vec<ipnet::IpNet>,
+    /// Thread-per-core: this many single-threaded runtimes, each with its own `SO_REUSEPORT`
+    /// listener(s) and accept loop, so both sockets of a session stay on one thread. Unset: one
+    /// multi-threaded runtime for everything (the default). Needs a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<usize>,
 }
 
 /// `[admin]`: the HTTP listener for /metrics, /healthz, /readyz and /status.
@@ -459,7 +464,9 @@ impl Config {
         check(self.proxy.listen != new.proxy.listen, "proxy.listen", false);
         check(self.admin.listen != new.admin.listen, "admin.listen", false);
         check(self.log != new.log, "log", false);
-        let proxy_rest = |c: &ProxyConfig| ProxyConfig { listen: new.proxy.listen, ..c.clone() };
+        check(self.proxy.workers != new.proxy.workers, "proxy.workers", false);
+        let proxy_rest =
+            |c: &ProxyConfig| ProxyConfig { listen: new.proxy.listen, workers: new.proxy.workers, ..c.clone() };
         check(proxy_rest(&self.proxy) != proxy_rest(&new.proxy), "proxy", true);
         check(self.health != new.health, "health", true);
         check(self.etcd != new.etcd, "etcd", true);
@@ -543,6 +550,9 @@ pub mod bounds {
     /// `rise` and `fall`: at the default 1 s interval, 100 checks are 100 s; more is not a health
     /// check but an outage nobody is told about.
     pub const MAX_RISE_FALL: u32 = 100;
+    /// `[proxy] workers`: one runtime thread each; past a thousand cores there is no machine to
+    /// fill, only threads to schedule.
+    pub const MAX_WORKERS: usize = 1024;
     /// A client waiting longer than this for a leader holds a `max_connections` slot for
     /// nothing: drivers give up much sooner (libpq's `connect_timeout` is usually seconds).
     pub const LEADER_WAIT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -586,7 +596,8 @@ fn bound_problems(p: &ProxyConfig, h: &HealthConfig, lines: &KeyLines) -> Vec<St
         ("health", "rise", u64::from(h.rise), u64::from(bounds::MAX_RISE_FALL)),
         ("health", "fall", u64::from(h.fall), u64::from(bounds::MAX_RISE_FALL)),
     ];
-    for (section, key, value, max) in counts {
+    let workers = p.workers.map(|w| ("proxy", "workers", w as u64, bounds::MAX_WORKERS as u64));
+    for (section, key, value, max) in counts.into_iter().chain(workers) {
         let at = lines.at(section, key);
         if value == 0 {
             problems.push(format!("{section}.{key}{at}: must be at least 1"));
@@ -791,5 +802,22 @@ mod tests {
         let d = a.diff(&b);
         assert_eq!(d.hot, vec!["health"]);
         assert_eq!(d.restart_required, vec!["proxy.listen"]);
+    }
+
+    #[test]
+    fn workers_are_bounded_and_need_a_restart() {
+        let with = |n: &str| Config::from_toml(&format!("[proxy]\nworkers = {n}\n{MINIMAL}"), "t.toml");
+        assert_eq!(Config::from_toml(MINIMAL, "t.toml").unwrap().proxy.workers, None, "unset by default");
+        assert_eq!(with("1").unwrap().proxy.workers, Some(1));
+        assert_eq!(with("1024").unwrap().proxy.workers, Some(1024));
+        for bad in ["0", "1025"] {
+            let err = with(bad).unwrap_err().to_string();
+            assert!(err.contains("proxy.workers (line 2)"), "{err}");
+        }
+        let (a, b) = (with("2").unwrap(), with("4").unwrap());
+        let d = a.diff(&b);
+        assert!(d.hot.is_empty(), "{d:?}");
+        assert_eq!(d.restart_required, vec!["proxy.workers"]);
+        assert!(!Config::from_toml(MINIMAL, "t.toml").unwrap().to_toml().contains("workers"));
     }
 }

@@ -73,19 +73,24 @@ pub struct ProxySettings {
 /// closed without a word, so a flood cannot grow the task count without bound.
 const REFUSALS_IN_FLIGHT: usize = 256;
 
-/// Binds the client listener with the backlog for `max_connections` (see the module docs).
+/// Binds the client listener with the backlog for `max_connections` (see the module docs). The socket is not registered with a runtime yet: the runtime that accepts on it does that (a
+/// worker's, with `[proxy] workers`). With `reuse_port`, `SO_REUSEPORT` lets one listener per
+/// worker bind the same address, and the kernel spreads new connections over them.
 ///
 /// # Errors
 /// The address cannot be bound.
-pub fn bind(address: SocketAddr, max_connections: usize) -> io::Result<TcpListener> {
+pub fn bind_std(address: SocketAddr, max_connections: usize, reuse_port: bool) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(address), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     socket.set_nonblocking(true)?;
     socket.bind(&address.into())?;
     let backlog = backlog_for(max_connections);
     socket.listen(backlog_value(backlog))?;
     warn_if_capped(backlog);
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
 
 /// The listen backlog for a `max_connections`.
