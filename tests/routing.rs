@@ -30,7 +30,13 @@ async fn sessions_land_on_the_primary_and_writes_succeed() {
     cluster.primary.wait_for_catchup(&cluster.replica);
     let system_identifier = cluster.primary.system_identifier();
     let proxy = ProxyBuilder::new(&[&cluster.replica, &cluster.primary]).health("user", "pgleader").start().await;
-    let s = wait_leader(proxy.admin_addr, Some("primary")).await;
+    wait_leader(proxy.admin_addr, Some("primary")).await;
+    // The leader can be elected before the replica's first check has completed.
+    let s = common::eventually(Duration::from_secs(30), "the replica checked", || async {
+        let s = status(proxy.admin_addr).await;
+        (s["backends"][0]["role"] != "unknown").then_some(s)
+    })
+    .await;
     let primary = &s["backends"][1];
     assert_eq!(primary["role"], "primary");
     assert_eq!(primary["timeline"], 1);
