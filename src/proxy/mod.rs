@@ -160,11 +160,11 @@ impl Sessions {
     }
 
     fn change(&self, address: SocketAddr, read: Option<BackendId>, open: bool) {
-        fn step<K: std::hash::Hash + Eq>(m: &mut HashMap<K, usize>, key: K, open: bool) {
+        fn step<K: std::hash::Hash + Eq + Copy>(m: &mut HashMap<K, usize>, key: K, open: bool) {
             let n = m.entry(key).or_insert(0);
             *n = if open { *n + 1 } else { n.saturating_sub(1) };
             if *n == 0 {
-                m.retain(|_, n| *n > 0);
+                m.remove(&key);
             }
         }
         if let Ok(mut m) = self.0.lock() {
