@@ -53,6 +53,7 @@ use crate::elector::{Elector, Member, Membership};
 use crate::etcd::{EtcdReport, EtcdSettings, EtcdWatcher, WatchEvent};
 use crate::health::{self, CheckSettings, Checker};
 use crate::metrics::Metrics;
+use crate::proxy::spares::Spares;
 use crate::proxy::{self, Proxy, ProxySettings, Sessions, Shared};
 use crate::signals::{SignalEvent, Signals};
 use crate::task;
@@ -235,6 +236,8 @@ async fn start_inner(config: Config, config_path: Option<PathBuf>) -> anyhow::Re
         "admin server"
     });
     let tracker = TaskTracker::new();
+    let spares = Arc::new(Spares::new(Arc::clone(&metrics)));
+    spawn_spare_filler(&spares, &table_rx, &settings_rx, &metrics, draining.clone());
     let shared = Arc::new(Shared {
         routing: table_rx,
         settings: settings_rx,
@@ -242,6 +245,7 @@ async fn start_inner(config: Config, config_path: Option<PathBuf>) -> anyhow::Re
         metrics,
         hard_stop: hard_stop.clone(),
         sessions: Sessions::default(),
+        spares,
     });
     let acceptors = Acceptors { shared, limit, stop_accepting: draining.clone(), tracker: tracker.clone() };
     let accept_loop = match config.proxy.workers {
@@ -294,6 +298,27 @@ pub async fn run_with_signals(config: Config, config_path: PathBuf) -> anyhow::R
             },
         }
     }
+}
+
+/// The spare connections' filler (`[proxy] spare_connections`), on the main runtime, restarted
+/// if it fails; every spare is closed when the drain begins.
+fn spawn_spare_filler(
+    spares: &Arc<Spares>,
+    routing: &watch::Receiver<Arc<crate::topology::RoutingTable>>,
+    settings: &watch::Receiver<Arc<ProxySettings>>,
+    metrics: &Arc<crate::metrics::Metrics>,
+    draining: CancellationToken,
+) {
+    let (spares, routing, settings) = (Arc::clone(spares), routing.clone(), settings.clone());
+    let (metrics, stop) = (Arc::clone(metrics), draining.clone());
+    tokio::spawn(async move {
+        let fill = {
+            let spares = Arc::clone(&spares);
+            move || Arc::clone(&spares).fill(routing.clone(), settings.clone(), stop.clone())
+        };
+        task::restart_on_failure("spare_filler", "leader".to_owned(), metrics, draining, fill, |_| {}).await;
+        spares.clear();
+    });
 }
 
 /// One main listener and, with `[read_only]`, one read-only listener, not yet registered with a
@@ -435,6 +460,8 @@ fn proxy_settings(config: &Config) -> ProxySettings {
         allow: config.proxy.allow.clone(),
         access_log: config.log.access,
         max_connections: config.proxy.max_connections,
+        spare_connections: config.proxy.spare_connections,
+        spare_max_age: config.proxy.spare_max_age,
     }
 }
 

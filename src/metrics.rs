@@ -101,7 +101,46 @@ pub const ROLES: [&str; 4] = ["unknown", "primary", "replica", "down"];
 pub const CUT_REASONS: [&str; 8] =
     ["leader_changed", "recovery", "older_timeline", "down", "removed", "lease", "lag", "other_system"];
 /// The `task` label of `pgleader_task_restarts_total`: background tasks restarted after a panic.
-pub const RESTARTED_TASKS: [&str; 2] = ["health_checker", "etcd_reader"];
+pub const RESTARTED_TASKS: [&str; 3] = ["health_checker", "etcd_reader", "spare_filler"];
+
+/// What happened to spare connections (`proxy::spares`), for `pgleader_spare_connections_total{event}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpareEvent {
+    /// Connected and put in the pool.
+    Opened,
+    /// Carried a client's startup packet.
+    Used,
+    /// Found closed when taken, or failed during a handshake (the client was retried fresh).
+    Dead,
+    /// Closed unused at `spare_max_age`.
+    Expired,
+    /// Closed because the leader, epoch or address changed, the pool shrank, or the drain began.
+    Dropped,
+    /// A connect to the leader failed.
+    Failed,
+}
+
+impl SpareEvent {
+    pub const ALL: [SpareEvent; 6] = [
+        SpareEvent::Opened,
+        SpareEvent::Used,
+        SpareEvent::Dead,
+        SpareEvent::Expired,
+        SpareEvent::Dropped,
+        SpareEvent::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SpareEvent::Opened => "opened",
+            SpareEvent::Used => "used",
+            SpareEvent::Dead => "dead",
+            SpareEvent::Expired => "expired",
+            SpareEvent::Dropped => "dropped",
+            SpareEvent::Failed => "failed",
+        }
+    }
+}
 
 /// Every metric pgleader exports.
 pub struct Metrics {
@@ -144,6 +183,10 @@ pub struct Metrics {
     /// 1 while the fail-safe fallback routes on SQL alone.
     pub etcd_failsafe_fallback: IntGauge,
     etcd_registered: AtomicBool,
+    /// Spare connections to the leader ready for a new session (`[proxy] spare_connections`).
+    pub spares_ready: IntGauge,
+    /// What happened to spare connections, by event (see `proxy::spares::SpareEvent`).
+    pub spare_events: IntCounterVec,
 }
 
 impl Metrics {
@@ -271,9 +314,22 @@ impl Metrics {
             )
             .expect("valid metric"),
             etcd_registered: AtomicBool::new(false),
+            spares_ready: IntGauge::new(
+                "pgleader_spare_connections",
+                "Spare connections to the leader, opened ahead of time, ready for a new session",
+            )
+            .expect("valid metric"),
+            spare_events: IntCounterVec::new(
+                Opts::new(
+                    "pgleader_spare_connections_total",
+                    "Spare connections by event (opened, used, dead, expired, dropped, failed)",
+                ),
+                &["event"],
+            )
+            .expect("valid metric"),
         };
         m.etcd_confirmation_age.set(f64::NAN);
-        let collectors: [Box<dyn prometheus::core::Collector>; 19] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 21] = [
             Box::new(m.backend_up.clone()),
             Box::new(m.backend_role.clone()),
             Box::new(m.leader.clone()),
@@ -293,6 +349,8 @@ impl Metrics {
             Box::new(m.leader_wait.clone()),
             Box::new(m.config_reloads.clone()),
             Box::new(build_info),
+            Box::new(m.spares_ready.clone()),
+            Box::new(m.spare_events.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");
@@ -308,6 +366,9 @@ impl Metrics {
         }
         for t in RESTARTED_TASKS {
             m.task_restarts.with_label_values(&[t]);
+        }
+        for e in SpareEvent::ALL {
+            m.spare_events.with_label_values(&[e.as_str()]);
         }
         m.add_backends(backends);
         m

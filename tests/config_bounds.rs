@@ -19,24 +19,26 @@ use std::time::Duration;
 use proptest::prelude::*;
 
 /// A duration key: section, name, its upper bound, and whether zero is allowed.
-const DURATIONS: [(&str, &str, Duration, bool); 8] = [
+const DURATIONS: [(&str, &str, Duration, bool); 9] = [
     ("proxy", "leader_wait_timeout", Duration::from_secs(600), false),
     ("proxy", "connect_timeout", Duration::from_secs(60), false),
     ("proxy", "client_hello_timeout", Duration::from_secs(600), false),
     ("proxy", "shutdown_grace", Duration::from_secs(3600), true),
+    ("proxy", "spare_max_age", Duration::from_secs(600), false),
     ("health", "interval", Duration::from_secs(60), false),
     ("health", "fast_interval", Duration::from_secs(60), false),
     ("health", "timeout", Duration::from_secs(60), false),
     ("read_only", "max_lag", Duration::from_secs(86_400), false),
 ];
 
-/// A count key: section, name, upper bound (the lower bound is 1).
-const COUNTS: [(&str, &str, u64); 5] = [
-    ("proxy", "max_connections", 262_143),
-    ("proxy", "workers", 1024),
-    ("health", "rise", 100),
-    ("health", "fall", 100),
-    ("read_only", "max_lag_bytes", 1 << 40),
+/// A count key: section, name, lower bound (0 or 1), upper bound.
+const COUNTS: [(&str, &str, u64, u64); 6] = [
+    ("proxy", "max_connections", 1, 262_143),
+    ("proxy", "workers", 1, 1024),
+    ("proxy", "spare_connections", 0, 256),
+    ("health", "rise", 1, 100),
+    ("health", "fall", 1, 100),
+    ("read_only", "max_lag_bytes", 1, 1 << 40),
 ];
 
 /// Values inside a duration key's bounds: the edges and anything between.
@@ -65,13 +67,16 @@ fn duration_outside(max: Duration, zero_ok: bool) -> BoxedStrategy<Duration> {
     prop::sample::select(edges).boxed()
 }
 
-fn count_inside(max: u64) -> BoxedStrategy<u64> {
-    prop_oneof![prop::sample::select(vec![1, 2, max - 1, max]), 1..=max].boxed()
+fn count_inside(min: u64, max: u64) -> BoxedStrategy<u64> {
+    prop_oneof![prop::sample::select(vec![min, min + 1, max - 1, max]), min..=max].boxed()
 }
 
-fn count_outside(max: u64) -> BoxedStrategy<u64> {
-    prop::sample::select(vec![0, max + 1, 2 * max, u64::from(u32::MAX), u64::from(u32::MAX) + 1, i64::MAX as u64])
-        .boxed()
+fn count_outside(min: u64, max: u64) -> BoxedStrategy<u64> {
+    let mut edges = vec![max + 1, 2 * max, u64::from(u32::MAX), u64::from(u32::MAX) + 1, i64::MAX as u64];
+    if min > 0 {
+        edges.push(min - 1);
+    }
+    prop::sample::select(edges).boxed()
 }
 
 /// One generated configuration: a value for every bounded key.
@@ -92,7 +97,7 @@ fn values(inside_weight: u32) -> impl Strategy<Value = Values> {
         .collect();
     let counts: Vec<_> = COUNTS
         .iter()
-        .map(|&(_, _, max)| prop_oneof![inside_weight => count_inside(max), 1 => count_outside(max)])
+        .map(|&(_, _, min, max)| prop_oneof![inside_weight => count_inside(min, max), 1 => count_outside(min, max)])
         .collect();
     (durations, counts).prop_map(|(durations, counts)| Values { durations, counts })
 }
@@ -100,7 +105,7 @@ fn values(inside_weight: u32) -> impl Strategy<Value = Values> {
 /// Only values inside the bounds (the configuration a reload applies).
 fn valid_values() -> impl Strategy<Value = Values> {
     let durations: Vec<_> = DURATIONS.iter().map(|&(_, _, max, zero_ok)| duration_inside(max, zero_ok)).collect();
-    let counts: Vec<_> = COUNTS.iter().map(|&(_, _, max)| count_inside(max)).collect();
+    let counts: Vec<_> = COUNTS.iter().map(|&(_, _, min, max)| count_inside(min, max)).collect();
     (durations, counts).prop_map(|(durations, counts)| Values { durations, counts })
 }
 
@@ -115,7 +120,7 @@ impl Values {
             let line = format!("{key} = \"{}\"\n", humantime::format_duration(*d));
             sections.get_mut(section).unwrap().push_str(&line);
         }
-        for ((section, key, _), n) in COUNTS.iter().zip(&self.counts) {
+        for ((section, key, ..), n) in COUNTS.iter().zip(&self.counts) {
             let line = format!("{key} = {n}\n");
             sections.get_mut(section).unwrap().push_str(&line);
         }
@@ -134,8 +139,8 @@ impl Values {
                 bad.push(format!("{section}.{key}"));
             }
         }
-        for ((section, key, max), n) in COUNTS.iter().zip(&self.counts) {
-            if *n == 0 || n > max {
+        for ((section, key, min, max), n) in COUNTS.iter().zip(&self.counts) {
+            if n < min || n > max {
                 bad.push(format!("{section}.{key}"));
             }
         }

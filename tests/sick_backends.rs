@@ -399,6 +399,18 @@ async fn relay(target: SocketAddr, hang: Arc<std::sync::atomic::AtomicBool>) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_whose_new_connections_hang_is_marked_down_and_new_clients_get_57p03() {
+    a_leader_whose_new_connections_hang(0).await;
+}
+
+/// The same with spare connections: spares opened before the hang are working connections to a
+/// leader whose checks pass, and may serve clients; the first spare opened after it hangs like
+/// a fresh connection, is reported like one, and the client gets 57P03 all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_spares_a_hanging_leader_serves_at_most_its_earlier_spares_then_57p03() {
+    a_leader_whose_new_connections_hang(2).await;
+}
+
+async fn a_leader_whose_new_connections_hang(spares: usize) {
     let _serial = SERIAL.lock().await;
     let primary = PgNode::start_primary("hanging");
     let hang = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -408,17 +420,31 @@ async fn a_leader_whose_new_connections_hang_is_marked_down_and_new_clients_get_
         .health("timeout", "300ms")
         .health("fall", "2")
         .proxy("leader_wait_timeout", "3s")
+        .proxy("spare_connections", &spares.to_string())
         .start()
         .await;
     wait_leader(proxy.admin_addr, Some("hanging")).await;
     let old = connect_via(proxy.proxy_addr, "postgres").await.unwrap();
     assert_eq!(old.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+    eventually(Duration::from_secs(10), "the spares opened", || async {
+        (metric(proxy.admin_addr, "pgleader_spare_connections").await == Some(spares as f64)).then_some(())
+    })
+    .await;
 
     // The health connection still works; only new connections hang. A new client must not hang
     // with them: the failed attempt is reported, the fresh re-check times out, and the client
     // gets 57P03 at leader_wait_timeout.
     hang.store(true, Ordering::SeqCst);
-    let err = connect_via(proxy.proxy_addr, "postgres").await.expect_err("no leader to route to");
+    let mut served = Vec::new();
+    let err = loop {
+        match connect_via(proxy.proxy_addr, "postgres").await {
+            Ok(client) => {
+                assert!(served.len() < spares, "served more clients than there were spares before the hang");
+                served.push(client);
+            }
+            Err(e) => break e,
+        }
+    };
     assert_eq!(err.code().map(|c| c.code()), Some("57P03"), "{err}");
     let s = status(proxy.admin_addr).await;
     assert_eq!(s["leader"], serde_json::Value::Null, "{s}");

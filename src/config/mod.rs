@@ -144,6 +144,14 @@ pub struct ProxyConfig {
     /// multi-threaded runtime for everything (the default). Needs a restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workers: Option<usize>,
+    /// TCP connections to the leader kept open ahead of time, so a new client's startup packet
+    /// goes into a backend PostgreSQL has already forked. Per process; 0 turns them off.
+    #[serde(default = "default_spare_connections")]
+    pub spare_connections: usize,
+    /// A spare unused this long is closed (without a byte) and replaced; keep it well below the
+    /// server's `authentication_timeout` (1 minute by default).
+    #[serde(default = "default_spare_max_age", with = "humantime_serde")]
+    pub spare_max_age: Duration,
 }
 
 /// `[admin]`: the HTTP listener for /metrics, /healthz, /readyz and /status.
@@ -550,6 +558,11 @@ pub mod bounds {
     /// `rise` and `fall`: at the default 1 s interval, 100 checks are 100 s; more is not a health
     /// check but an outage nobody is told about.
     pub const MAX_RISE_FALL: u32 = 100;
+    /// `[proxy] spare_connections`: each is a server process; more than a few hundred idle
+    /// forks is a pool, not a head start.
+    pub const MAX_SPARE_CONNECTIONS: usize = 256;
+    /// `[proxy] spare_max_age`: PostgreSQL's maximum `authentication_timeout` (600 s).
+    pub const SPARE_MAX_AGE: Duration = Duration::from_secs(600);
     /// `[proxy] workers`: one runtime thread each; past a thousand cores there is no machine to
     /// fill, only threads to schedule.
     pub const MAX_WORKERS: usize = 1024;
@@ -579,6 +592,7 @@ fn bound_problems(p: &ProxyConfig, h: &HealthConfig, lines: &KeyLines) -> Vec<St
         ("proxy", "connect_timeout", p.connect_timeout, bounds::CONNECT_TIMEOUT, false),
         ("proxy", "client_hello_timeout", p.client_hello_timeout, bounds::CLIENT_HELLO_TIMEOUT, false),
         ("proxy", "shutdown_grace", p.shutdown_grace, bounds::SHUTDOWN_GRACE, true),
+        ("proxy", "spare_max_age", p.spare_max_age, bounds::SPARE_MAX_AGE, false),
         ("health", "interval", h.interval, bounds::HEALTH_DURATION, false),
         ("health", "fast_interval", h.fast_interval, bounds::HEALTH_DURATION, false),
         ("health", "timeout", h.timeout, bounds::HEALTH_DURATION, false),
@@ -597,6 +611,11 @@ fn bound_problems(p: &ProxyConfig, h: &HealthConfig, lines: &KeyLines) -> Vec<St
         ("health", "fall", u64::from(h.fall), u64::from(bounds::MAX_RISE_FALL)),
     ];
     let workers = p.workers.map(|w| ("proxy", "workers", w as u64, bounds::MAX_WORKERS as u64));
+    let spares = p.spare_connections;
+    if spares > bounds::MAX_SPARE_CONNECTIONS {
+        let (at, max) = (lines.at("proxy", "spare_connections"), bounds::MAX_SPARE_CONNECTIONS);
+        problems.push(format!("proxy.spare_connections{at}: {spares} is above the maximum of {max}"));
+    }
     for (section, key, value, max) in counts.into_iter().chain(workers) {
         let at = lines.at(section, key);
         if value == 0 {
@@ -625,6 +644,12 @@ fn default_hello_timeout() -> Duration {
 }
 fn default_max_connections() -> usize {
     2000
+}
+fn default_spare_connections() -> usize {
+    4
+}
+fn default_spare_max_age() -> Duration {
+    Duration::from_secs(20)
 }
 fn default_shutdown_grace() -> Duration {
     Duration::from_secs(20)

@@ -45,6 +45,15 @@ pub(crate) trait Connect {
     type Stream: AsyncRead + AsyncWrite + Unpin + Send;
     /// A new connection to `address` (the caller bounds it with `connect_timeout`).
     fn connect(&self, address: SocketAddr) -> impl Future<Output = io::Result<Self::Stream>> + Send;
+
+    /// A connection to `target` opened ahead of time (a spare, see `proxy::spares`), if one is
+    /// ready; the handshake treats it as a fresh connect.
+    fn spare(&self, _target: &Target) -> Option<Self::Stream> {
+        None
+    }
+
+    /// A spare from [`Connect::spare`] failed before the client saw anything from it.
+    fn spare_failed(&self) {}
 }
 
 /// The step of the handshake an error happened in.
@@ -364,6 +373,8 @@ where
     async fn route(&mut self, mut hello: Hello) -> Outcome<K::Stream> {
         let deadline = Instant::now() + self.ctx.settings.leader_wait_timeout;
         let mut after_failure = false;
+        // After a spare has failed, this client gets fresh connections only.
+        let mut spares_ok = true;
         loop {
             let waited = {
                 let Self { client, ctx } = self;
@@ -386,19 +397,33 @@ where
                     None => continue,
                 },
             };
-            let backend = match connect(&self.ctx, target.address).await {
-                Ok(b) => b,
-                Err(e) => {
-                    self.report_failed(target, &e);
-                    after_failure = true;
-                    continue;
-                }
+            let spare = spares_ok.then(|| self.ctx.connector.spare(&target)).flatten();
+            let from_spare = spare.is_some();
+            let backend = match spare {
+                Some(b) => b,
+                None => match connect(&self.ctx, target.address).await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        self.report_failed(target, &e);
+                        after_failure = true;
+                        continue;
+                    }
+                },
             };
             // Boxed: the attempt's state is needed once, not for the session's whole life.
             match Box::pin(self.attempt(backend, target, &mut hello)).await {
                 Ok(Some(admitted)) => return Outcome::Admitted(admitted),
                 // The table moved on while we were connecting: nothing was shown to the client.
                 Ok(None) => after_failure = false,
+                // A spare the server closed (it timed out, or the server restarted) is not news
+                // about the leader: retry at once on a fresh connection, reported if it fails
+                // too. A spare that answers 57P03 or nothing in time is reported like a fresh one.
+                Err(e) if e.peer == Peer::Backend && from_spare && matches!(e.cause, Cause::Closed | Cause::Io(_)) => {
+                    tracing::debug!(error = %e, "a spare connection failed; retrying on a fresh one");
+                    self.ctx.connector.spare_failed();
+                    spares_ok = false;
+                    after_failure = false;
+                }
                 Err(e) if e.peer == Peer::Backend => {
                     self.report_failed(target, &e);
                     after_failure = true;

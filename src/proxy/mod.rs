@@ -31,6 +31,7 @@
 //! lower cap is warned about at start and on reload.
 
 pub(crate) mod handshake;
+pub mod spares;
 
 use std::collections::HashMap;
 use std::io;
@@ -51,9 +52,10 @@ use tracing::Instrument;
 use crate::metrics::{Metrics, SessionResult};
 use crate::pump::{pump_both, Side, Tally};
 use crate::task::sleep_until_some;
-use crate::topology::{BackendId, CutReason, Report, Route, RoutingTable};
+use crate::topology::{BackendId, CutReason, Report, Route, RoutingTable, Target};
 
 use handshake::{forward_cancel, Admitted, Connect, Context, Handshake, Outcome, Refusal};
+use spares::Spares;
 
 /// The `[proxy]` settings a connection uses, read once when it is accepted.
 #[derive(Debug, Clone, PartialEq)]
@@ -67,6 +69,10 @@ pub struct ProxySettings {
     pub access_log: bool,
     /// `max_connections`: also sizes the listen backlog.
     pub max_connections: usize,
+    /// Spare connections kept open to the leader ([`spares`]).
+    pub spare_connections: usize,
+    /// A spare older than this is closed unused and replaced.
+    pub spare_max_age: Duration,
 }
 
 /// Clients over `max_connections` that are read and answered 53300 at the same time; more are
@@ -134,6 +140,8 @@ pub struct Shared {
     pub hard_stop: CancellationToken,
     /// Where sessions are open, for cancel requests.
     pub sessions: Sessions,
+    /// Connections to the leader opened ahead of time.
+    pub spares: Arc<Spares>,
 }
 
 /// Open sessions per backend address (a cancel request can only concern one of them) and read
@@ -288,15 +296,29 @@ impl Proxy {
     }
 }
 
-/// Backends reached over TCP, tuned like client sockets.
-pub(crate) struct TcpConnector;
+/// Backends reached over TCP, tuned like client sockets; with `spares`, a new session to the
+/// leader starts on a spare when one is ready (never a cancel request).
+pub(crate) struct TcpConnector<'a> {
+    spares: Option<(&'a Spares, Duration)>,
+}
 
-impl Connect for TcpConnector {
+impl Connect for TcpConnector<'_> {
     type Stream = TcpStream;
     async fn connect(&self, address: SocketAddr) -> io::Result<TcpStream> {
         let stream = TcpStream::connect(address).await?;
         tune(&stream);
         Ok(stream)
+    }
+
+    fn spare(&self, target: &Target) -> Option<TcpStream> {
+        let (spares, max_age) = self.spares?;
+        spares.take(target, max_age)
+    }
+
+    fn spare_failed(&self) {
+        if let Some((spares, _)) = self.spares {
+            spares.failed_in_use();
+        }
     }
 }
 
@@ -313,6 +335,7 @@ async fn handle(shared: Arc<Shared>, route: Route, client: TcpStream, peer: Sock
     let started = Instant::now();
     tune(&client);
     let settings = shared.settings.borrow().clone();
+    let connector = TcpConnector { spares: Some((&shared.spares, settings.spare_max_age)) };
     let ctx = Context {
         route,
         sessions: &shared.sessions,
@@ -320,7 +343,7 @@ async fn handle(shared: Arc<Shared>, route: Route, client: TcpStream, peer: Sock
         settings: &settings,
         reports: &shared.reports,
         metrics: &shared.metrics,
-        connector: &TcpConnector,
+        connector: &connector,
     };
     let mut handshake = Handshake { client, ctx };
     let mut line = AccessLine { backend: None, bytes: (0, 0), cut: None };
@@ -341,7 +364,8 @@ async fn handle(shared: Arc<Shared>, route: Route, client: TcpStream, peer: Sock
                 Outcome::Ended(r) => r,
                 Outcome::Cancel(raw) => {
                     let targets = shared.sessions.addresses();
-                    Some(forward_cancel(&TcpConnector, &raw, &targets, settings.connect_timeout).await)
+                    let direct = TcpConnector { spares: None };
+                    Some(forward_cancel(&direct, &raw, &targets, settings.connect_timeout).await)
                 }
                 Outcome::Admitted(admitted) => {
                     Some(splice(&shared, route, &handshake.client, admitted, &mut line).await)
@@ -368,10 +392,11 @@ async fn handle(shared: Arc<Shared>, route: Route, client: TcpStream, peer: Sock
 }
 
 /// TCP_NODELAY and keepalive: the proxy must not add latency, and dead peers must be noticed.
-fn tune(stream: &TcpStream) {
-    let _ = stream.set_nodelay(true);
+fn tune(stream: &impl std::os::fd::AsFd) {
+    let socket = SockRef::from(stream);
+    let _ = socket.set_nodelay(true);
     let keepalive = TcpKeepalive::new().with_time(Duration::from_secs(60)).with_interval(Duration::from_secs(10));
-    let _ = SockRef::from(stream).set_tcp_keepalive(&keepalive);
+    let _ = socket.set_tcp_keepalive(&keepalive);
 }
 
 /// Step 4: splice until both sides close, the session is cut, or the grace period ends.

@@ -31,6 +31,8 @@ pub const EXPORTED_METRICS: &[&str] = &[
     "pgleader_replica_lag_bytes",
     "pgleader_replica_lag_seconds",
     "pgleader_replicas_in_bounds",
+    "pgleader_spare_connections",
+    "pgleader_spare_connections_total",
 ];
 
 /// The histograms among [`EXPORTED_METRICS`], queried through `_bucket`, `_sum` and `_count`.

@@ -78,6 +78,9 @@ struct Pipes {
     accepted: Mutex<Vec<(SocketAddr, DuplexStream)>>,
     refused: HashSet<SocketAddr>,
     hang: HashSet<SocketAddr>,
+    /// Spares handed out for exactly their target, once each.
+    spares: Mutex<Vec<(Target, DuplexStream)>>,
+    spare_failures: AtomicUsize,
 }
 
 impl Connect for Pipes {
@@ -93,6 +96,16 @@ impl Connect for Pipes {
         let (ours, theirs) = duplex(64 * 1024);
         self.accepted.lock().unwrap().push((address, theirs));
         Ok(ours)
+    }
+
+    fn spare(&self, target: &Target) -> Option<DuplexStream> {
+        let mut spares = self.spares.lock().unwrap();
+        let i = spares.iter().position(|(t, _)| t == target)?;
+        Some(spares.remove(i).1)
+    }
+
+    fn spare_failed(&self) {
+        self.spare_failures.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -119,6 +132,8 @@ fn settings() -> ProxySettings {
         allow: Vec::new(),
         access_log: false,
         max_connections: 10,
+        spare_connections: 0,
+        spare_max_age: Duration::from_secs(20),
     }
 }
 
@@ -206,6 +221,55 @@ async fn a_startup_reaches_the_leader_verbatim_and_its_reply_admits_the_client()
     let a = admitted(r.task.await.unwrap());
     assert_eq!((a.id, a.address, a.tls), (BackendId(0), addr(0), false));
     assert_eq!(r.pipes.connects.load(Ordering::SeqCst), 1);
+}
+
+/// A spare for `target`, and the backend's end of it.
+fn spare(pipes: &Pipes, target: Target) -> DuplexStream {
+    let (ours, theirs) = duplex(64 * 1024);
+    pipes.spares.lock().unwrap().push((target, ours));
+    theirs
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_spare_for_the_leader_carries_the_startup_and_no_connect_is_made() {
+    let pipes = Pipes::default();
+    let mut b0 = spare(&pipes, Target { id: BackendId(0), epoch: 1, address: addr(0) });
+    let mut r = rig(table(Some(0), 1), pipes);
+    r.app.write_all(STARTUP).await.unwrap();
+    assert_eq!(read_n(&mut b0, STARTUP.len()).await, STARTUP);
+    b0.write_all(AUTH_OK).await.unwrap();
+    assert_eq!(read_n(&mut r.app, AUTH_OK.len()).await, AUTH_OK);
+    assert_eq!(admitted(r.task.await.unwrap()).id, BackendId(0));
+    assert_eq!(r.pipes.connects.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_spare_of_another_epoch_is_never_used() {
+    let pipes = Pipes::default();
+    let _old = spare(&pipes, Target { id: BackendId(0), epoch: 1, address: addr(0) });
+    let mut r = rig(table(Some(0), 2), pipes);
+    r.app.write_all(STARTUP).await.unwrap();
+    let (_, mut b0) = r.pipes.next().await;
+    assert_eq!(read_n(&mut b0, STARTUP.len()).await, STARTUP, "a fresh connection");
+    b0.write_all(AUTH_OK).await.unwrap();
+    assert_eq!(admitted(r.task.await.unwrap()).id, BackendId(0));
+    assert_eq!(r.pipes.spares.lock().unwrap().len(), 1, "the old epoch's spare is still unused");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dead_spare_is_a_fresh_retry_the_client_never_sees_and_nobody_is_reported() {
+    let pipes = Pipes::default();
+    drop(spare(&pipes, Target { id: BackendId(0), epoch: 1, address: addr(0) }));
+    let mut r = rig(table(Some(0), 1), pipes);
+    r.app.write_all(STARTUP).await.unwrap();
+    let (address, mut b0) = r.pipes.next().await;
+    assert_eq!(address, addr(0), "the same leader, on a fresh connection");
+    assert_eq!(read_n(&mut b0, STARTUP.len()).await, STARTUP, "the startup replayed verbatim");
+    b0.write_all(AUTH_OK).await.unwrap();
+    assert_eq!(read_n(&mut r.app, AUTH_OK.len()).await, AUTH_OK);
+    assert_eq!(admitted(r.task.await.unwrap()).id, BackendId(0));
+    assert_eq!(r.pipes.spare_failures.load(Ordering::SeqCst), 1);
+    assert!(r.reports_rx.try_recv().is_err(), "a dead spare says nothing about the leader");
 }
 
 #[tokio::test(start_paused = true)]
@@ -506,4 +570,16 @@ async fn an_over_limit_client_gets_53300_after_n_to_its_ssl_request() {
     assert_eq!(sqlstate_of(&read_to_end(&mut app).await).as_deref(), Some("53300"));
     assert_eq!(refused.await.unwrap(), Some(SessionResult::RefusedLimit));
     assert_eq!(pipes.connects.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_spare_that_answers_nothing_is_reported_like_a_fresh_connection() {
+    let pipes = Pipes::default();
+    let _silent = spare(&pipes, Target { id: BackendId(0), epoch: 1, address: addr(0) });
+    let mut r = rig(table(Some(0), 1), pipes);
+    r.app.write_all(STARTUP).await.unwrap();
+    let report = r.reports_rx.recv().await.expect("the silent leader is reported");
+    assert_eq!(report.backend, BackendId(0));
+    assert!(matches!(report.observation, Observation::Lost { .. }));
+    assert_eq!(r.pipes.spare_failures.load(Ordering::SeqCst), 0, "not a dead spare: a silent backend");
 }
