@@ -219,7 +219,7 @@ class Direct(Contender):
 
 
 class PgLeader(Contender):
-    def __init__(self, tmp, pg, binary, name="pgleader", workers=None):
+    def __init__(self, tmp, pg, binary, name="pgleader", workers=None, proxy_extra=""):
         self.name = name
         self.binary = binary
         self.port = free_port()
@@ -229,7 +229,8 @@ class PgLeader(Contender):
         with open(self.conf, "w") as f:
             toml = PGLEADER_TOML.format(port=self.port, admin=self.admin, pg=pg.port, user=USER)
             if workers is not None:
-                toml = toml.replace("[admin]", f"workers = {workers}\n[admin]", 1)
+                proxy_extra = f"workers = {workers}\n" + proxy_extra
+            toml = toml.replace("[admin]", proxy_extra + "[admin]", 1)
             f.write(toml)
 
     def start(self):
@@ -381,6 +382,9 @@ def pgbench(c, port, args, clients, duration, logdir=None, sample_rss=False):
     failed = re.search(r"number of failed transactions: (\d+)", out)
     res = {"tps": tps, "tx": tx, "wall_s": wall, "failed": int(failed.group(1)) if failed else 0,
            "command": " ".join(cmd).replace(f"{logdir}/", "DIR/") if logdir else " ".join(cmd)}
+    conn = re.search(r"average connection time = ([\d.]+) ms", out)
+    if conn:
+        res["conn_ms"] = float(conn.group(1))
     if cpu is not None:
         res["cpu_s"] = cpu
         res["cpu_s_per_100k_tx"] = cpu / tx * 1e5
@@ -525,6 +529,7 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--duration", type=int, default=10, help="seconds per pgbench point")
     ap.add_argument("--clients", default="1,8,32,64")
+    ap.add_argument("--connect-clients", default="8", help="client counts for the pgbench -C points")
     ap.add_argument("--modes", default="simple,prepared", help="pgbench query modes for the select-only points")
     ap.add_argument("--copy-mb", type=int, default=500)
     ap.add_argument("--idle-sessions", type=int, default=250)
@@ -533,6 +538,9 @@ def main():
                     help="another pgleader binary, benchmarked as contender pgleader-base (or NAME=BIN; repeatable)")
     ap.add_argument("--workers", action="append", default=[],
                     help="the --pgleader binary again with [proxy] workers = N, as contender NAME (NAME=N; repeatable)")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="the --pgleader binary again with more [proxy] keys, as contender NAME "
+                         "(NAME:key=value,key=value; e.g. nospares:spare_connections=0; repeatable)")
     ap.add_argument("--only", help="comma-separated contenders to run (default: all)")
     ap.add_argument("--tests", help="comma-separated test groups: idle,active,select,connect,copy")
     ap.add_argument("--out", required=True, help="results directory (runs.jsonl, meta.json)")
@@ -574,6 +582,11 @@ def main():
             name, _, n = w.rpartition("=")
             contenders.append(PgLeader(tmp, pg, os.path.abspath(a.pgleader), name=name or f"pgleader-w{n}",
                                        workers=int(n)))
+        for v in a.variant:
+            name, _, keys = v.partition(":")
+            extra = "".join(f"{k.strip()} = {val.strip()}\n" for k, _, val in
+                            (kv.partition("=") for kv in keys.split(",") if kv))
+            contenders.append(PgLeader(tmp, pg, os.path.abspath(a.pgleader), name=name, proxy_extra=extra))
         contenders += [HAProxy(tmp, pg), PgBouncer(tmp, pg)]
         if a.only:
             keep = set(a.only.split(","))
@@ -601,7 +614,7 @@ def main():
             with open(runs_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
             brief = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in res.items()
-                     if k in ("tps", "lat_p99_ms", "cpu_s_per_100k_tx", "wakeups_per_tx", "mb_per_s", "kib_per_idle_session",
+                     if k in ("tps", "conn_ms", "lat_p99_ms", "cpu_s_per_100k_tx", "wakeups_per_tx", "mb_per_s", "kib_per_idle_session",
                               "kib_per_active_session")}
             log(f"rep {rep} {test} {key} {c.name}: {brief}")
 
@@ -629,8 +642,9 @@ def main():
                                         logdir=os.path.join(tmp, "txlog"))
                             record(rep, "select", c, r, mode=mode, clients=n)
             if "connect" in groups:
-                for c in contenders:
-                    record(rep, "connect", c, pgbench(c, c.port, ["-S", "-C"], 8, a.duration), clients=8)
+                for n in [int(x) for x in a.connect_clients.split(",")]:
+                    for c in contenders:
+                        record(rep, "connect", c, pgbench(c, c.port, ["-S", "-C"], n, a.duration), clients=n)
             if "copy" in groups:
                 for c in contenders:
                     record(rep, "copy_out", c, copy_out(c, copy_size))

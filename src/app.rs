@@ -5,13 +5,14 @@
 //! spawn one health checker per backend, the elector, the admin server and the accept loops (one
 //! per listener, in one task: the end of either is fatal).
 //!
-//! Layouts: without `[proxy] workers` everything, sessions included, runs on the runtime `main`
-//! built (multi-threaded). With `workers = N`, each listener is bound N times with
-//! `SO_REUSEPORT` and N OS threads each run a single-threaded runtime with one set of accept
-//! loops; a session lives on the thread that accepted it. Health checks, the elector, the admin
-//! server and this supervisor stay on the main runtime. The drain is the same: the workers stop
-//! accepting on the same token, their sessions are in the same tracker, and each worker keeps its
-//! runtime until the tracker is empty; any worker's accept loop ending outside a drain is fatal.
+//! Layout (thread-per-core): each client listener is bound once per worker (`[proxy] workers`,
+//! by default one per CPU this process may use) with `SO_REUSEPORT`, and each worker is an OS
+//! thread running a single-threaded runtime with one set of accept loops; a session lives on the
+//! thread that accepted it, so its two sockets and its task never cross threads. Health checks,
+//! the elector, the spare filler, the admin server and this supervisor run on the main runtime
+//! (one thread). The drain: the workers stop accepting on one token, their sessions are in one
+//! tracker, and each worker keeps its runtime until the tracker is empty; any worker's accept
+//! loop ending outside a drain is fatal.
 //!
 //! Fencing (`[etcd]`): one etcd reader task ([`EtcdWatcher`]) reports what it reads; `app`
 //! turns each report into a [`LeaseEvent`] for the elector (and times the reads). A reload that
@@ -248,20 +249,9 @@ async fn start_inner(config: Config, config_path: Option<PathBuf>) -> anyhow::Re
         spares,
     });
     let acceptors = Acceptors { shared, limit, stop_accepting: draining.clone(), tracker: tracker.clone() };
-    let accept_loop = match config.proxy.workers {
-        None => {
-            let mut sets = client_listeners.into_iter();
-            let (main, read) = sets.next().expect("bind_clients binds one set at least");
-            let main = TcpListener::from_std(main).context("register the proxy listener")?;
-            let read = read.map(TcpListener::from_std).transpose().context("register the read-only listener")?;
-            tokio::spawn(async move {
-                acceptors.run(main, read).await;
-                Ok(())
-            })
-        }
-        Some(_) => spawn_workers(client_listeners, &acceptors)?,
-    };
-    tracing::info!(proxy = %proxy_addr, read_only = ?read_only_addr, admin = %admin_addr, backends = ?names, workers = ?config.proxy.workers, "pgleader started");
+    let workers = client_listeners.len();
+    let accept_loop = spawn_workers(client_listeners, &acceptors)?;
+    tracing::info!(proxy = %proxy_addr, read_only = ?read_only_addr, admin = %admin_addr, backends = ?names, workers, "pgleader started");
 
     let drain = Drain { draining: draining.clone(), hard_stop, tracker, accept_loop, accept_done: false };
     let supervisor = tokio::spawn(sup.run(drain, reload_rx, admin_reload_rx));
@@ -325,15 +315,31 @@ fn spawn_spare_filler(
 /// runtime.
 type ListenerSet = (StdListener, Option<StdListener>);
 
-/// Binds the client listeners: one set, or with `[proxy] workers` one set per worker, all on the
-/// same addresses with `SO_REUSEPORT` (the first set fixes a port 0 for the others).
+/// `[proxy] workers` when unset: one per CPU this process may use (its affinity mask and cgroup
+/// quota, as `std::thread::available_parallelism` reads them).
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
+
+/// Binds the client listeners, one set per worker, all on the same addresses with
+/// `SO_REUSEPORT` (the first set fixes a port 0 for the others). `SO_REUSEPORT` would also let a
+/// second pgleader of the same user share the port and take half its clients unnoticed: each
+/// address is first bound once without it, which fails if anything else holds the port.
 fn bind_clients(config: &Config) -> anyhow::Result<Vec<ListenerSet>> {
     let max = config.proxy.max_connections;
-    let reuse_port = config.proxy.workers.is_some();
-    let mut main_at = config.proxy.listen;
-    let mut read_at = config.read_only.as_ref().map(|r| r.listen);
+    let workers = config.proxy.workers.unwrap_or_else(default_workers);
+    let reuse_port = workers > 1;
+    let claim = |at: SocketAddr, what: &str| -> anyhow::Result<SocketAddr> {
+        if !reuse_port {
+            return Ok(at);
+        }
+        let probe = StdListener::bind(at).with_context(|| format!("bind {what} {at}"))?;
+        probe.local_addr().with_context(|| format!("read {what} address"))
+    };
+    let mut main_at = claim(config.proxy.listen, "proxy listener")?;
+    let mut read_at = config.read_only.as_ref().map(|r| claim(r.listen, "read-only listener")).transpose()?;
     let mut sets = Vec::new();
-    for _ in 0..config.proxy.workers.unwrap_or(1) {
+    for _ in 0..workers {
         let main =
             proxy::bind_std(main_at, max, reuse_port).with_context(|| format!("bind proxy listener {main_at}"))?;
         main_at = main.local_addr().context("read proxy listener address")?;
@@ -383,7 +389,7 @@ impl Acceptors {
     }
 }
 
-/// `[proxy] workers`: one OS thread per listener set, each with a single-threaded runtime that
+/// One OS thread per listener set (`[proxy] workers`), each with a single-threaded runtime that
 /// registers its listeners and accepts on them, so a session's client and backend sockets (and
 /// its task) never leave that thread. The returned task ends when a worker's accept loop ends
 /// outside a drain, or when all of them have ended in one.
@@ -544,7 +550,7 @@ struct Drain {
     /// Cancelled when the grace period ends: sessions close.
     hard_stop: CancellationToken,
     tracker: TaskTracker,
-    /// Ends when a listener's accept loop ends (with `[proxy] workers`: any worker's, or all of
+    /// Ends when a listener's accept loop ends (any worker's, or all of
     /// them during the drain); `Err` says why when it was not a plain return.
     accept_loop: tokio::task::JoinHandle<Result<(), String>>,
     /// The accept loop's handle has already completed (a JoinHandle must not be polled again).

@@ -58,12 +58,9 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_tracing(args.log_format.unwrap_or(config.log.format), config.log.filter.as_deref());
-    // With `[proxy] workers` the sessions run on the workers' own threads; the main runtime keeps
-    // only health checks, the elector and the admin server, which one thread serves.
-    let mut builder = match config.proxy.workers {
-        None => tokio::runtime::Builder::new_multi_thread(),
-        Some(_) => tokio::runtime::Builder::new_current_thread(),
-    };
+    // Sessions run on the workers' own threads (`app`); the main runtime keeps only health
+    // checks, the elector, the spare filler and the admin server, which one thread serves.
+    let mut builder = tokio::runtime::Builder::new_current_thread();
     let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {

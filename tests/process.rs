@@ -287,3 +287,20 @@ async fn sighup_reloads_the_config_file() {
     session.simple_query("SELECT 1").await.expect("the session survives the reload");
     assert!(get(pgleader.admin, "/readyz").await.0 == 200);
 }
+
+/// Thread-per-core binds every listener with `SO_REUSEPORT`, which would let a second pgleader
+/// share a port and take half its clients unnoticed: the second one must fail to start instead,
+/// naming the address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_pgleader_on_the_same_port_fails_to_start() {
+    let dead = common::free_port();
+    let builder = common::proxy::ProxyBuilder::with_addresses(vec![("nobody".into(), format!("127.0.0.1:{dead}"))])
+        .proxy("workers", "2");
+    let first = builder.start().await;
+    let taken = first.proxy_addr.to_string();
+    let second = builder.clone().proxy("listen", &taken).config();
+    let err = pgleader::start(second).await.err().expect("the port is taken: the second pgleader must not start");
+    let text = format!("{err:#}");
+    assert!(text.contains(&format!("bind proxy listener {taken}")) && text.contains("in use"), "{text}");
+    first.shutdown().await.unwrap();
+}

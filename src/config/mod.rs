@@ -141,7 +141,7 @@ pub struct ProxyConfig {
     pub allow: Vec<ipnet::IpNet>,
     /// Thread-per-core: this many single-threaded runtimes, each with its own `SO_REUSEPORT`
     /// listener(s) and accept loop, so both sockets of a session stay on one thread. Unset: one
-    /// multi-threaded runtime for everything (the default). Needs a restart.
+    /// per CPU the process may use. Needs a restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workers: Option<usize>,
     /// TCP connections to the leader kept open ahead of time, so a new client's startup packet

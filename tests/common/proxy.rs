@@ -58,7 +58,10 @@ impl ProxyBuilder {
     pub fn toml(&self) -> String {
         let value =
             |v: &str| if v.parse::<f64>().is_ok() || v.starts_with('[') { v.to_owned() } else { format!("{v:?}") };
-        let mut t = String::from("[proxy]\nlisten = \"127.0.0.1:0\"\n");
+        let mut t = String::from("[proxy]\n");
+        if !self.proxy.iter().any(|(k, _)| k == "listen") {
+            t += "listen = \"127.0.0.1:0\"\n";
+        }
         for (k, v) in &self.proxy {
             t += &format!("{k} = {}\n", value(v));
         }
