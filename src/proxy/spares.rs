@@ -200,11 +200,30 @@ impl Spares {
             let short = key.filter(|k| self.ready_for(k) < wanted);
             if let Some(target) = short.filter(|_| retry_at.is_none_or(|at| now >= at)) {
                 retry_at = None;
-                let connect = tokio::time::timeout(connect_timeout, TcpStream::connect(target.address));
-                let connected = tokio::select! {
-                    biased;
-                    () = stop.cancelled() => break,
-                    r = connect => r,
+                let mut connect =
+                    std::pin::pin!(tokio::time::timeout(connect_timeout, TcpStream::connect(target.address)));
+                // The spares of an old target go at once, even while a connect is pending.
+                let connected = loop {
+                    tokio::select! {
+                        biased;
+                        () = stop.cancelled() => break None,
+                        changed = routing.changed() => {
+                            if changed.is_err() {
+                                break None;
+                            }
+                            let (now, _) = write_target(&mut routing);
+                            if now != Some(target) {
+                                self.settle(now, wanted, max_age);
+                                break Some(None);
+                            }
+                        }
+                        r = &mut connect => break Some(Some(r)),
+                    }
+                };
+                let connected = match connected {
+                    None => break,
+                    Some(None) => continue,
+                    Some(Some(r)) => r,
                 };
                 match connected {
                     Ok(Ok(stream)) => match stream.into_std() {
