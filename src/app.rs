@@ -248,7 +248,13 @@ async fn start_inner(config: Config, config_path: Option<PathBuf>) -> anyhow::Re
         sessions: Sessions::default(),
         spares,
     });
-    let acceptors = Acceptors { shared, limit, stop_accepting: draining.clone(), tracker: tracker.clone() };
+    let acceptors = Acceptors {
+        shared,
+        limit,
+        stop_accepting: draining.clone(),
+        tracker: tracker.clone(),
+        refusals: proxy::refusals_in_flight(),
+    };
     let workers = client_listeners.len();
     let accept_loop = spawn_workers(client_listeners, &acceptors)?;
     tracing::info!(proxy = %proxy_addr, read_only = ?read_only_addr, admin = %admin_addr, backends = ?names, workers, "pgleader started");
@@ -364,6 +370,7 @@ struct Acceptors {
     limit: Arc<Semaphore>,
     stop_accepting: CancellationToken,
     tracker: TaskTracker,
+    refusals: Arc<Semaphore>,
 }
 
 impl Acceptors {
@@ -377,6 +384,7 @@ impl Acceptors {
             limit: Arc::clone(&self.limit),
             stop_accepting: self.stop_accepting.clone(),
             tracker: self.tracker.clone(),
+            refusals: Arc::clone(&self.refusals),
         };
         let main_loop = accept(main, Route::Write).run();
         match read.map(|l| accept(l, Route::Read).run()) {

@@ -663,7 +663,9 @@ fn millis(d: &str) -> f64 {
 async fn fd_exhaustion_is_logged_and_backed_off_and_the_binary_recovers() {
     const NOFILE: u32 = 64;
     let primary = PgNode::start_primary("emfile");
-    let config = binary_config(&primary, "client_hello_timeout = \"60s\"", "");
+    // One worker: the backoff sequence asserted below is one accept loop's (each worker's loop
+    // backs off on its own).
+    let config = binary_config(&primary, "client_hello_timeout = \"60s\"\nworkers = 1", "");
     let (mut pgleader, _file) = Binary::start(&config, Some(NOFILE));
     eventually(Duration::from_secs(30), "ready", || async {
         (get(pgleader.admin, "/readyz").await.0 == 200).then_some(())

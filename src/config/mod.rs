@@ -646,7 +646,7 @@ fn default_max_connections() -> usize {
     2000
 }
 fn default_spare_connections() -> usize {
-    4
+    0
 }
 fn default_spare_max_age() -> Duration {
     Duration::from_secs(20)

@@ -226,6 +226,13 @@ pub struct Proxy {
     pub stop_accepting: CancellationToken,
     /// Tracks connection tasks so the drain can wait for them.
     pub tracker: TaskTracker,
+    /// Refusals answered at once, across every accept loop of the process ([`refusals_in_flight`]).
+    pub refusals: Arc<Semaphore>,
+}
+
+/// The bound on refusals answered at once, shared by every accept loop (workers included).
+pub fn refusals_in_flight() -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(REFUSALS_IN_FLIGHT))
 }
 
 impl Proxy {
@@ -255,7 +262,7 @@ impl Proxy {
     pub async fn run(self) {
         let next_id = AtomicU64::new(1);
         let mut backoff = Duration::from_millis(10);
-        let refusals = Arc::new(Semaphore::new(REFUSALS_IN_FLIGHT));
+        let refusals = Arc::clone(&self.refusals);
         let mut settings = self.shared.settings.clone();
         let mut backlog = backlog_for(settings.borrow_and_update().max_connections);
         loop {
