@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::pg::{PgCluster, PgNode};
+use common::pg::{authorized, blocking, PgCluster, PgNode};
 use common::proxy::{connect_via, metric, metric_at_least, wait_leader, ProxyBuilder};
 use common::{eventually, free_port};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -33,18 +33,6 @@ fn sqlstate_of(msg: &[u8]) -> Option<String> {
         return None;
     }
     msg.get(5..)?.split(|&b| b == 0).find_map(|f| f.strip_prefix(b"C")).map(|c| String::from_utf8_lossy(c).into())
-}
-
-/// Runs blocking harness work (psql, pg_ctl) off the runtime that hosts the in-process proxy.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f).await.expect("blocking harness step")
-}
-
-/// Lines of the server log that record a connection authorized for `database`.
-fn authorized(node_log: &std::path::Path, database: &str) -> usize {
-    let log = std::fs::read_to_string(node_log).unwrap_or_default();
-    let needle = format!("database={database}");
-    log.lines().filter(|l| l.contains("connection authorized") && l.contains(&needle)).count()
 }
 
 fn raise_nofile(want: u64) {

@@ -8,13 +8,8 @@ mod common;
 use std::time::Duration;
 
 use common::eventually;
-use common::pg::{PgCluster, PgNode};
+use common::pg::{authorized, blocking, PgCluster, PgNode};
 use common::proxy::{connect_via, metric, wait_leader, ProxyBuilder};
-
-/// Runs blocking harness work (psql, pg_ctl) off the runtime that hosts the in-process proxy.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f).await.expect("blocking harness step")
-}
 
 /// The postmaster's children that have not read a startup packet: a forked backend sets its
 /// process title only after it has one, so until then it shows the postmaster's command line.
@@ -34,13 +29,6 @@ fn waiting_backends(node: &PgNode) -> usize {
             ppid.as_deref() == Some(&postmaster.to_string()) && cmdline(pid) == own
         })
         .count()
-}
-
-/// Lines of the server log that record a connection authorized for `database`.
-fn authorized(node: &PgNode, database: &str) -> usize {
-    let log = std::fs::read_to_string(node.logfile()).unwrap_or_default();
-    let needle = format!("database={database}");
-    log.lines().filter(|l| l.contains("connection authorized") && l.contains(&needle)).count()
 }
 
 async fn spares(admin: std::net::SocketAddr, event: &str) -> f64 {
@@ -76,14 +64,14 @@ async fn spares_wait_on_the_leader_carry_sessions_and_follow_a_failover() {
     assert_eq!(waiting_backends(&cluster.replica), 0, "never a spare on a replica");
 
     // Each client is one backend session: a spare carries its startup, and no spare adds one.
-    let before = authorized(&cluster.primary, "counted");
+    let before = authorized(&cluster.primary.logfile(), "counted");
     for _ in 0..5 {
         let client = connect_via(proxy.proxy_addr, "counted").await.expect("a session through a spare");
         let port: String = client.query_one("SELECT current_setting('port')", &[]).await.unwrap().get(0);
         assert_eq!(port, cluster.primary.port().to_string());
     }
     assert!(spares(admin, "used").await >= 1.0, "at least the first client started on a spare");
-    assert_eq!(authorized(&cluster.primary, "counted") - before, 5, "one backend session per client");
+    assert_eq!(authorized(&cluster.primary.logfile(), "counted") - before, 5, "one backend session per client");
     spares_on(admin, &cluster.primary, 3).await;
 
     // The leader goes: its spares are closed; none is opened anywhere while there is no leader.

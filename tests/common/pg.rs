@@ -503,3 +503,17 @@ impl PgCluster {
         PgCluster { primary, replica }
     }
 }
+
+/// Runs blocking harness work (psql, pg_ctl) off the runtime that hosts the in-process proxy.
+#[allow(dead_code, reason = "not every suite runs harness work from async code")]
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("blocking harness step")
+}
+
+/// Lines of a server log that record a connection authorized for `database` (`log_connections`).
+#[allow(dead_code, reason = "used by the suites that count backend sessions")]
+pub fn authorized(node_log: &Path, database: &str) -> usize {
+    let log = std::fs::read_to_string(node_log).unwrap_or_default();
+    let needle = format!("database={database}");
+    log.lines().filter(|l| l.contains("connection authorized") && l.contains(&needle)).count()
+}
