@@ -330,20 +330,24 @@ pub fn default_workers() -> usize {
 /// Binds the client listeners, one set per worker, all on the same addresses with
 /// `SO_REUSEPORT` (the first set fixes a port 0 for the others). `SO_REUSEPORT` would also let a
 /// second pgleader of the same user share the port and take half its clients unnoticed: each
-/// address is first bound once without it, which fails if anything else holds the port.
+/// configured port is first bound once without it, which fails if anything else holds the port.
+/// A port 0 is not probed: the kernel gives the first set a port nobody holds, and probing it
+/// would free it for a moment, for any outgoing connection to take as its ephemeral port.
 fn bind_clients(config: &Config) -> anyhow::Result<Vec<ListenerSet>> {
     let max = config.proxy.max_connections;
     let workers = config.proxy.workers.unwrap_or_else(default_workers);
     let reuse_port = workers > 1;
-    let claim = |at: SocketAddr, what: &str| -> anyhow::Result<SocketAddr> {
-        if !reuse_port {
-            return Ok(at);
-        }
-        let probe = StdListener::bind(at).with_context(|| format!("bind {what} {at}"))?;
-        probe.local_addr().with_context(|| format!("read {what} address"))
+    // Both probes are held until both have bound, so that two overlapping addresses of this
+    // process (0.0.0.0:P and 127.0.0.1:P) fail as they would without SO_REUSEPORT.
+    let probe = |at: SocketAddr, what: &str| -> anyhow::Result<Option<StdListener>> {
+        (reuse_port && at.port() != 0)
+            .then(|| StdListener::bind(at).with_context(|| format!("bind {what} {at}")))
+            .transpose()
     };
-    let mut main_at = claim(config.proxy.listen, "proxy listener")?;
-    let mut read_at = config.read_only.as_ref().map(|r| claim(r.listen, "read-only listener")).transpose()?;
+    let mut main_at = config.proxy.listen;
+    let mut read_at = config.read_only.as_ref().map(|r| r.listen);
+    let probes = (probe(main_at, "proxy listener")?, read_at.map(|at| probe(at, "read-only listener")).transpose()?);
+    drop(probes);
     let mut sets = Vec::new();
     for _ in 0..workers {
         let main =

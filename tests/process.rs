@@ -304,3 +304,18 @@ async fn a_second_pgleader_on_the_same_port_fails_to_start() {
     assert!(text.contains(&format!("bind proxy listener {taken}")) && text.contains("in use"), "{text}");
     first.shutdown().await.unwrap();
 }
+
+/// The same overlap inside one pgleader: the read-only listener on 127.0.0.1:P while the main
+/// listener holds 0.0.0.0:P would be refused without `SO_REUSEPORT`, and is refused with it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_listeners_of_one_pgleader_fail_to_start() {
+    let (dead, port) = (common::free_port(), common::free_port());
+    let config = common::proxy::ProxyBuilder::with_addresses(vec![("nobody".into(), format!("127.0.0.1:{dead}"))])
+        .proxy("workers", "2")
+        .proxy("listen", &format!("0.0.0.0:{port}"))
+        .section(&format!("[read_only]\nlisten = \"127.0.0.1:{port}\"\n"))
+        .config();
+    let err = pgleader::start(config).await.err().expect("the two listeners overlap: pgleader must not start");
+    let text = format!("{err:#}");
+    assert!(text.contains(&format!("bind read-only listener 127.0.0.1:{port}")) && text.contains("in use"), "{text}");
+}
