@@ -224,10 +224,29 @@ async fn without_a_leader_clients_wait_then_get_57p03_and_a_leader_that_appears_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_that_refuses_new_connections_with_57p03_is_skipped_without_the_client_noticing() {
+    refusing_leader_is_skipped(0).await;
+}
+
+/// With spares, PostgreSQL decided admission when it forked each spare's backend: the spares
+/// opened before the smart shutdown still carry a session each (exactly as a client that had
+/// connected then), and the first spare opened after it answers 57P03 like a fresh connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_spares_a_57p03_leader_is_skipped_after_at_most_the_spares_opened_before() {
+    refusing_leader_is_skipped(2).await;
+}
+
+async fn refusing_leader_is_skipped(spares: usize) {
     let cluster = PgCluster::start();
-    let proxy =
-        ProxyBuilder::new(&[&cluster.primary, &cluster.replica]).proxy("leader_wait_timeout", "60s").start().await;
+    let proxy = ProxyBuilder::new(&[&cluster.primary, &cluster.replica])
+        .proxy("leader_wait_timeout", "60s")
+        .proxy("spare_connections", &spares.to_string())
+        .start()
+        .await;
     wait_leader(proxy.admin_addr, Some("primary")).await;
+    common::eventually(Duration::from_secs(20), "the spares ready", || async {
+        (metric(proxy.admin_addr, "pgleader_spare_connections").await == Some(spares as f64)).then_some(())
+    })
+    .await;
     // An open session keeps the smart shutdown pending; pgleader's health connection, opened
     // before it, keeps answering "primary" too — only new connections meet 57P03.
     let session = connect_via(proxy.proxy_addr, "postgres").await.unwrap();
@@ -236,13 +255,29 @@ async fn a_leader_that_refuses_new_connections_with_57p03_is_skipped_without_the
     assert!(String::from_utf8_lossy(&refused.stderr).contains("shutting down"), "the server refuses new clients");
     assert_eq!(status(proxy.admin_addr).await["leader"], "primary", "pgleader has not noticed yet");
 
-    // A new client is routed to the primary, meets 57P03 there, and waits instead of failing.
+    // New clients, one at a time: each is routed to the primary; the first to meet 57P03 there
+    // waits instead of failing. Before it, only clients on spares opened before the shutdown.
     let addr = proxy.proxy_addr;
-    let waiting = tokio::spawn(async move { connect_via(addr, "postgres").await });
-    let s = wait_leader(proxy.admin_addr, None).await;
+    let mut on_old_primary = Vec::new();
+    let waiting = loop {
+        let mut client = tokio::spawn(async move { connect_via(addr, "postgres").await });
+        tokio::select! {
+            done = &mut client => {
+                let c = done.unwrap().expect("a client on a spare opened before the shutdown gets a session");
+                on_old_primary.push(c);
+                assert!(on_old_primary.len() <= spares, "more sessions on a refusing leader than spares opened before");
+            }
+            _ = wait_leader(proxy.admin_addr, None) => break client,
+        }
+    };
+    let s = status(proxy.admin_addr).await;
     assert!(s["backends"][0]["last_error"].as_str().unwrap().contains("57P03"), "{}", s["backends"][0]);
     common::eventually(Duration::from_secs(10), "the client waiting again", || async {
         (metric(proxy.admin_addr, "pgleader_clients_waiting").await == Some(1.0)).then_some(())
+    })
+    .await;
+    common::eventually(Duration::from_secs(10), "no spares without a leader", || async {
+        (metric(proxy.admin_addr, "pgleader_spare_connections").await == Some(0.0)).then_some(())
     })
     .await;
     cluster.replica.promote_async().await;
@@ -250,7 +285,7 @@ async fn a_leader_that_refuses_new_connections_with_57p03_is_skipped_without_the
     let port: String = client.query_one("SELECT current_setting('port')", &[]).await.unwrap().get(0);
     assert_eq!(port, cluster.replica.port().to_string());
     assert_eq!(metric(proxy.admin_addr, "pgleader_sessions_total{result=\"no_leader\"}").await, Some(0.0));
-    drop(session);
+    drop((session, on_old_primary));
     proxy.shutdown().await.unwrap();
 }
 

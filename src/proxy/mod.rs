@@ -32,6 +32,8 @@
 
 pub(crate) mod handshake;
 pub mod spares;
+#[cfg(test)]
+mod test_support;
 
 use std::collections::HashMap;
 use std::io;

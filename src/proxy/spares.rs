@@ -17,7 +17,10 @@
 //!   is taken, or, if it is closed or reset during the handshake, the client is retried on a
 //!   fresh connection at once: the client never sees it, and the leader is not reported lost for
 //!   it. A spare that answers 57P03, or nothing within `connect_timeout`, is a backend that does
-//!   not take clients: reported as a fresh connection would be (DESIGN.md rule 7).
+//!   not take clients: reported as a fresh connection would be (DESIGN.md rule 7);
+//! - PostgreSQL decides admission when it forks: a spare opened before a smart shutdown still
+//!   carries a session, as a client connected then would; the first one opened after it answers
+//!   57P03 (tests/failover.rs has the bound: at most `spare_connections` such sessions).
 //!
 //! The pool is per process (the workers share it). Spares are kept as std sockets, detached from
 //! any runtime, so the worker that takes one registers it with its own.
@@ -43,7 +46,9 @@ use super::ProxySettings;
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 
 /// The filler looks at its spares at least this often, so spares the server has closed are
-/// replaced (and the gauge does not count them) before a client would meet them.
+/// replaced (and the gauge does not count them) before a client would meet them. A spare found
+/// closed younger than this counts as a failed connect (the filler waits before the next), so a
+/// server that closes every connection at once is not met with a loop of connects.
 const SWEEP: Duration = Duration::from_secs(1);
 
 /// The pool of spares and its metrics. Its lock is held for a few pointer moves, never across
@@ -112,7 +117,10 @@ impl Spares {
         self.count(SpareEvent::Expired, expired);
         self.count(SpareEvent::Dead, dead);
         self.taken.notify_one();
-        let stream = TcpStream::from_std(found?).ok()?;
+        let Ok(stream) = TcpStream::from_std(found?) else {
+            self.count(SpareEvent::Failed, 1);
+            return None;
+        };
         self.count(SpareEvent::Used, 1);
         Some(stream)
     }
@@ -123,21 +131,25 @@ impl Spares {
     }
 
     /// Brings the pool in line with `key` and `wanted`: everything goes if the key changed;
-    /// spares past `max_age`, closed ones and the excess go. Returns when the oldest expires.
-    fn settle(&self, key: Option<Target>, wanted: usize, max_age: Duration) -> Option<Instant> {
+    /// spares past `max_age`, closed ones and the excess go. Returns when the oldest expires,
+    /// and whether a spare was found closed younger than [`SWEEP`].
+    fn settle(&self, key: Option<Target>, wanted: usize, max_age: Duration) -> (Option<Instant>, bool) {
         let (mut dropped, mut expired, mut dead, now) = (0, 0, 0, Instant::now());
+        let mut died_young = false;
         let oldest = {
-            let Ok(mut pool) = self.pool.lock() else { return None };
+            let Ok(mut pool) = self.pool.lock() else { return (None, false) };
             if pool.key != key {
                 dropped += pool.ready.len();
                 pool.ready.clear();
                 pool.key = key;
             }
             pool.ready.retain(|s| {
-                let young = now.saturating_duration_since(s.opened) < max_age;
+                let age = now.saturating_duration_since(s.opened);
+                let young = age < max_age;
                 let live = young && alive(&s.stream);
                 expired += usize::from(!young);
                 dead += usize::from(young && !live);
+                died_young |= !live && age < SWEEP;
                 live
             });
             while pool.ready.len() > wanted {
@@ -150,7 +162,7 @@ impl Spares {
         self.count(SpareEvent::Dropped, dropped);
         self.count(SpareEvent::Expired, expired);
         self.count(SpareEvent::Dead, dead);
-        oldest
+        (oldest, died_young)
     }
 
     /// How many spares the pool holds for `key`.
@@ -188,17 +200,24 @@ impl Spares {
         mut settings: watch::Receiver<Arc<ProxySettings>>,
         stop: CancellationToken,
     ) {
-        let mut retry_at: Option<Instant> = None;
+        // When the next connect may be tried after a failed one, and to which target.
+        let mut retry_at: Option<(Target, Instant)> = None;
         loop {
             let (wanted, max_age, connect_timeout) = {
                 let s = settings.borrow_and_update();
                 (s.spare_connections, s.spare_max_age, s.connect_timeout)
             };
             let (key, lease_until) = write_target(&mut routing);
-            let expires = self.settle(key, wanted, max_age);
+            let (expires, died_young) = self.settle(key, wanted, max_age);
             let now = Instant::now();
+            if let Some(target) = key.filter(|_| died_young) {
+                self.count(SpareEvent::Failed, 1);
+                retry_at = Some((target, now + RETRY_AFTER_FAILURE));
+            }
+            // A failure of an old target does not delay the spares of a new one.
+            let backoff = retry_at.filter(|(t, _)| Some(*t) == key).map(|(_, at)| at);
             let short = key.filter(|k| self.ready_for(k) < wanted);
-            if let Some(target) = short.filter(|_| retry_at.is_none_or(|at| now >= at)) {
+            if let Some(target) = short.filter(|_| backoff.is_none_or(|at| now >= at)) {
                 retry_at = None;
                 let mut connect =
                     std::pin::pin!(tokio::time::timeout(connect_timeout, TcpStream::connect(target.address)));
@@ -236,18 +255,18 @@ impl Spares {
                     Ok(Err(e)) => {
                         tracing::debug!(address = %target.address, error = %e, "cannot open a spare connection to the leader");
                         self.count(SpareEvent::Failed, 1);
-                        retry_at = Some(Instant::now() + RETRY_AFTER_FAILURE);
+                        retry_at = Some((target, Instant::now() + RETRY_AFTER_FAILURE));
                     }
                     Err(_) => {
                         tracing::debug!(address = %target.address, "no spare connection to the leader within connect_timeout");
                         self.count(SpareEvent::Failed, 1);
-                        retry_at = Some(Instant::now() + RETRY_AFTER_FAILURE);
+                        retry_at = Some((target, Instant::now() + RETRY_AFTER_FAILURE));
                     }
                 }
                 continue;
             }
-            let sweep = Some(now + SWEEP).filter(|_| key.is_some());
-            let wake = [expires, lease_until, short.and(retry_at), sweep].into_iter().flatten().min();
+            let sweep = Some(now + SWEEP).filter(|_| key.is_some() && wanted > 0);
+            let wake = [expires, lease_until, short.and(backoff), sweep].into_iter().flatten().min();
             tokio::select! {
                 biased;
                 () = stop.cancelled() => break,
@@ -372,5 +391,41 @@ mod tests {
         assert_eq!(s.ready_for(&key), 1);
         assert_eq!(event(&s, SpareEvent::Dropped), 2);
         drop(servers);
+    }
+
+    /// A server that closes every connection at once: the filler backs off after each spare it
+    /// finds closed young, instead of reconnecting as fast as the server answers.
+    #[tokio::test]
+    async fn a_server_that_closes_every_spare_is_not_met_with_a_loop_of_connects() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                drop(stream);
+            }
+        });
+        let s = Arc::new(spares());
+        let (_table_tx, routing) = watch::channel(crate::proxy::test_support::table(&[at], Some(0), 1));
+        let wanted = 4;
+        let settings = ProxySettings { spare_connections: wanted, ..crate::proxy::test_support::settings() };
+        let (_settings_tx, settings) = watch::channel(Arc::new(settings));
+        let stop = CancellationToken::new();
+        let filler = tokio::spawn(Arc::clone(&s).fill(routing, settings, stop.clone()));
+        let rounds = 2;
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while event(&s, SpareEvent::Failed) < rounds {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the filler counts spares closed at once as failed connects");
+        stop.cancel();
+        filler.await.unwrap();
+        // Each round opens at most `wanted` spares before it sees one closed and waits.
+        let opened = accepted.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(opened <= (rounds as usize + 1) * wanted, "{opened} connects in {rounds} rounds of back-off");
     }
 }

@@ -9,8 +9,8 @@ use std::sync::Mutex;
 use tokio::io::{duplex, DuplexStream};
 
 use super::*;
+use crate::proxy::test_support::settings;
 use crate::proxy::Sessions;
-use crate::topology::{BackendState, BackendView, Probe, Reason, Role};
 
 const BACKENDS: u32 = 2;
 /// A StartupMessage for protocol 3.0 with `user=app`: length 18, code 196608, "user\0app\0\0".
@@ -26,49 +26,10 @@ fn addr(i: u32) -> SocketAddr {
     SocketAddr::from(([10, 0, 0, 1 + i as u8], 5432))
 }
 
-/// A table naming `leader` in `epoch`; the others are replicas.
+/// A table naming `leader` in `epoch` over [`BACKENDS`] backends at [`addr`].
 fn table(leader: Option<u32>, epoch: u64) -> Arc<RoutingTable> {
-    let backends = (0..BACKENDS)
-        .map(|i| {
-            let primary = leader == Some(i);
-            let probe = Probe {
-                address: addr(i),
-                in_recovery: !primary,
-                timeline: primary.then_some(1),
-                system_id: Some(7),
-                wal: None,
-            };
-            BackendView {
-                id: BackendId(i),
-                name: format!("b{i}"),
-                address: addr(i).to_string(),
-                state: BackendState { last_probe: Some(probe), ..BackendState::default() },
-                role: if primary { Role::Primary } else { Role::Replica },
-                routable: primary,
-                cut: None,
-                member: format!("b{i}"),
-                member_problem: None,
-                lease_until: None,
-                lag: None,
-                readable: false,
-                read_block: None,
-                read_cut: None,
-                out_of_bounds_streak: 0,
-                counted_check: 0,
-            }
-        })
-        .collect();
-    Arc::new(RoutingTable {
-        leader: leader.map(BackendId),
-        reason: if leader.is_some() { Reason::SolePrimary } else { Reason::NoPrimary },
-        epoch,
-        backends,
-        max_timelines: Default::default(),
-        history: Vec::new(),
-        fence: None,
-        read: None,
-        lag: Default::default(),
-    })
+    let addresses: Vec<SocketAddr> = (0..BACKENDS).map(addr).collect();
+    crate::proxy::test_support::table(&addresses, leader, epoch)
 }
 
 /// Backends as in-memory pipes: every connect hands the server half to the test.
@@ -121,19 +82,6 @@ impl Pipes {
             assert!(Instant::now() < give_up, "the handshake never connected to a backend");
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-    }
-}
-
-fn settings() -> ProxySettings {
-    ProxySettings {
-        leader_wait_timeout: Duration::from_secs(10),
-        connect_timeout: Duration::from_secs(2),
-        client_hello_timeout: Duration::from_secs(5),
-        allow: Vec::new(),
-        access_log: false,
-        max_connections: 10,
-        spare_connections: 0,
-        spare_max_age: Duration::from_secs(20),
     }
 }
 
