@@ -270,6 +270,10 @@ async fn refusing_leader_is_skipped(spares: usize) {
             _ = wait_leader(proxy.admin_addr, None) => break client,
         }
     };
+    if spares > 0 {
+        // `session` took one spare; the other, opened before the shutdown, carried the first client.
+        assert!(!on_old_primary.is_empty(), "a spare opened before the shutdown was used");
+    }
     let s = status(proxy.admin_addr).await;
     assert!(s["backends"][0]["last_error"].as_str().unwrap().contains("57P03"), "{}", s["backends"][0]);
     common::eventually(Duration::from_secs(10), "the client waiting again", || async {
