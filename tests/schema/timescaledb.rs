@@ -557,9 +557,11 @@ async fn policy_job_compresses_old_chunks_and_late_candles_still_land() {
     // A server's scheduler must not run the policy before we do (the engine has none).
     exec(&c, &format!("SELECT alter_job({job}, scheduled => false)")).await;
 
-    // A bar 30 days old (its chunk is past the 14-day policy) and one a day old.
+    // A bar at least 30 days old (its chunk is past the 14-day policy) and one a day old. The old
+    // bar opens its 7-day chunk, so the late bars below (up to 3 days later) land in that chunk
+    // whatever today's date is.
     let today = now_ms(&c).await / DAY * DAY;
-    let old = today - 30 * DAY;
+    let old = (today - 30 * DAY) / WEEK * WEEK;
     let recent = today - DAY;
     exec(&c, &insert_sql(&[day_bar("VNM", old, 10), day_bar("VNM", recent, 20)])).await;
     let before_job = chunks(&c).await;
