@@ -5,6 +5,9 @@
   bench/profile.py callgrind [--clients 32] [--seconds 10]                     # pgleader under callgrind
   bench/profile.py syscalls  [--clients 32] [--seconds 5]                      # strace -c -f on the proxy
 
+  --proxy haproxy profiles HAProxy (mode tcp, as bench/e2e.py runs it) instead, for the same
+  figures side by side (perf and syscalls).
+
 Starts its own Postgres and pgleader (bench/e2e.py's classes) in a temp dir and stops them after.
 Reports go to bench/results/profile-<kind>-<time>/.
 """
@@ -29,8 +32,11 @@ def main():
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--mode", default="prepared")
     ap.add_argument("--pgleader", default="target/release/pgleader")
+    ap.add_argument("--proxy", choices=["pgleader", "haproxy"], default="pgleader")
     ap.add_argument("--out")
     a = ap.parse_args()
+    if a.proxy == "haproxy" and a.kind == "callgrind":
+        ap.error("callgrind profiles pgleader only")
     out = os.path.abspath(a.out or f"bench/results/profile-{a.kind}-{time.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(out, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="pgleader-prof-")
@@ -40,7 +46,10 @@ def main():
         e2e.psql(pg.port, f"CREATE DATABASE {e2e.DB}", db="postgres")
         e2e.run([f"{e2e.PGBIN}/pgbench", "-i", "-q", "-s", "10", "-h", "127.0.0.1", "-p", str(pg.port),
                  "-U", e2e.USER, e2e.DB])
-        pl = e2e.PgLeader(tmp, pg, os.path.abspath(a.pgleader))
+        if a.proxy == "haproxy":
+            pl = e2e.HAProxy(tmp, pg)
+        else:
+            pl = e2e.PgLeader(tmp, pg, os.path.abspath(a.pgleader))
         if a.kind == "callgrind":
             # Run the binary under valgrind; PgLeader.start() waits for /readyz, which is slow there.
             p = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}/callgrind.out",
