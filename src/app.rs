@@ -337,8 +337,6 @@ fn bind_clients(config: &Config) -> anyhow::Result<Vec<ListenerSet>> {
     let max = config.proxy.max_connections;
     let workers = config.proxy.workers.unwrap_or_else(default_workers);
     let reuse_port = workers > 1;
-    // Both probes are held until both have bound, so that two overlapping addresses of this
-    // process (0.0.0.0:P and 127.0.0.1:P) fail as they would without SO_REUSEPORT.
     let probe = |at: SocketAddr, what: &str| -> anyhow::Result<Option<StdListener>> {
         (reuse_port && at.port() != 0)
             .then(|| StdListener::bind(at).with_context(|| format!("bind {what} {at}")))
@@ -346,8 +344,13 @@ fn bind_clients(config: &Config) -> anyhow::Result<Vec<ListenerSet>> {
     };
     let mut main_at = config.proxy.listen;
     let mut read_at = config.read_only.as_ref().map(|r| r.listen);
-    let probes = (probe(main_at, "proxy listener")?, read_at.map(|at| probe(at, "read-only listener")).transpose()?);
-    drop(probes);
+    {
+        // Both probes are held until both have bound, so that two overlapping addresses of this
+        // process (0.0.0.0:P and 127.0.0.1:P) fail as they would without SO_REUSEPORT; both are
+        // closed before the SO_REUSEPORT binds, which they would block.
+        let _main = probe(main_at, "proxy listener")?;
+        let _read = read_at.map(|at| probe(at, "read-only listener")).transpose()?;
+    }
     let mut sets = Vec::new();
     for _ in 0..workers {
         let main =

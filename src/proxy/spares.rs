@@ -244,24 +244,18 @@ impl Spares {
                     Some(None) => continue,
                     Some(Some(r)) => r,
                 };
-                match connected {
-                    Ok(Ok(stream)) => match stream.into_std() {
-                        Ok(std) => {
-                            super::tune(&std);
-                            self.add(&target, std);
-                        }
-                        Err(_) => {
-                            self.count(SpareEvent::Failed, 1);
-                            retry_at = Some((target, Instant::now() + RETRY_AFTER_FAILURE));
-                        }
-                    },
-                    Ok(Err(e)) => {
-                        tracing::debug!(address = %target.address, error = %e, "cannot open a spare connection to the leader");
-                        self.count(SpareEvent::Failed, 1);
-                        retry_at = Some((target, Instant::now() + RETRY_AFTER_FAILURE));
+                let opened = match connected {
+                    Ok(Ok(stream)) => stream.into_std().map_err(|e| e.to_string()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err("no answer within connect_timeout".to_owned()),
+                };
+                match opened {
+                    Ok(std) => {
+                        super::tune(&std);
+                        self.add(&target, std);
                     }
-                    Err(_) => {
-                        tracing::debug!(address = %target.address, "no spare connection to the leader within connect_timeout");
+                    Err(error) => {
+                        tracing::debug!(address = %target.address, %error, "cannot open a spare connection to the leader");
                         self.count(SpareEvent::Failed, 1);
                         retry_at = Some((target, Instant::now() + RETRY_AFTER_FAILURE));
                     }
