@@ -12,7 +12,9 @@
 //! same watch without it was still open 30 s later.
 
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -22,7 +24,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
 use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
@@ -181,19 +183,67 @@ fn keepalive(tcp: &TcpStream) {
 }
 
 async fn handshake<T: AsyncRead + AsyncWrite + Unpin + Send + 'static>(io: T) -> Result<Conn, String> {
+    let ended = Arc::new(Mutex::new(None));
+    let io = Witness { io, ended: Arc::clone(&ended) };
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .map_err(|e| format!("HTTP handshake failed: {}", chain(&e)))?;
-    let ended = Arc::new(Mutex::new(None));
     let slot = Arc::clone(&ended);
     let driver = tokio::spawn(async move {
         if let Err(e) = conn.await {
-            if let Ok(mut s) = slot.lock() {
-                *s = Some(chain(&e));
-            }
+            record(&slot, || chain(&e));
         }
     });
     Ok(Conn { sender, driver, ended })
+}
+
+/// Keeps the first of several errors: the first is the cause, the rest its consequences.
+fn record(slot: &Mutex<Option<String>>, why: impl FnOnce() -> String) {
+    if let Ok(mut s) = slot.lock() {
+        if s.is_none() {
+            *s = Some(why());
+        }
+    }
+}
+
+/// A connection's I/O, noting its first error. hyper reports the last: when a read fails on a
+/// connection it then closes (etcd's TLS alert, which TLS 1.3 sends after the client's side of
+/// the handshake is done) and the close fails as well (OpenSSL's "shutdown while in init"), the
+/// driver ends with the close's error and the alert is lost.
+struct Witness<T> {
+    io: T,
+    ended: Arc<Mutex<Option<String>>>,
+}
+
+impl<T> Witness<T> {
+    fn note<R>(&self, poll: Poll<std::io::Result<R>>) -> Poll<std::io::Result<R>> {
+        if let Poll::Ready(Err(e)) = &poll {
+            record(&self.ended, || chain(e));
+        }
+        poll
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Witness<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let poll = Pin::new(&mut self.io).poll_read(cx, buf);
+        self.note(poll)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Witness<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.note(poll)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let poll = Pin::new(&mut self.io).poll_flush(cx);
+        self.note(poll)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let poll = Pin::new(&mut self.io).poll_shutdown(cx);
+        self.note(poll)
+    }
 }
 
 /// One HTTP/1.1 connection; dropping it closes it.
@@ -503,6 +553,55 @@ mod tests {
         assert_eq!(lines.next().await.unwrap().as_deref(), Some(&created[..]));
         let e = lines.next().await.unwrap_err();
         assert!(e.contains("over 1048576 bytes"), "{e}");
+    }
+
+    /// A stream whose reads wait until the request is written and then fail, as a TLS stream's do
+    /// when etcd's alert arrives (TLS 1.3 checks the client certificate after the client's side of
+    /// the handshake is done), and whose shutdown fails too, as OpenSSL's does after the alert.
+    #[derive(Default)]
+    struct Alerted {
+        written: bool,
+        reader: Option<std::task::Waker>,
+    }
+
+    impl AsyncRead for Alerted {
+        fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, _: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+            if !self.written {
+                self.reader = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            Poll::Ready(Err(std::io::Error::other("tlsv13 alert certificate required")))
+        }
+    }
+
+    impl AsyncWrite for Alerted {
+        fn poll_write(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+            self.written = true;
+            if let Some(w) = self.reader.take() {
+                w.wake();
+            }
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Err(std::io::Error::other("shutdown while in init")))
+        }
+    }
+
+    /// hyper reads a connection once the request is written; when that read fails it closes the
+    /// connection, and when the shutdown fails as well it reports only the shutdown's error: the
+    /// alert, the one thing the operator needs, was lost (CI saw "error shutting down
+    /// connection: ... shutdown while in init").
+    #[tokio::test]
+    async fn the_first_io_error_is_the_one_reported() {
+        let ep = Endpoint::parse("https://127.0.0.1:2379").unwrap();
+        let mut conn = handshake(Alerted::default()).await.unwrap();
+        match conn.call(&ep, "/v3/kv/txn", b"{}".to_vec(), None).await {
+            Err(CallError::Transport(e)) => assert!(e.contains("certificate required"), "{e}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
