@@ -557,6 +557,7 @@ def main():
     groups = set((a.tests or "idle,active,select,connect,copy").split(","))
     os.makedirs(a.out, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="pgleader-bench-")
+    finished = False
     os.chmod(tmp, 0o755)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     runs_path = os.path.join(a.out, "runs.jsonl")
@@ -660,13 +661,19 @@ def main():
         with open(os.path.join(a.out, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
         log(f"done: {runs_path}")
+        finished = True
     finally:
         cleanup()
-        # The proxies' own logs say why a run failed (a session cut, a health check down): keep them
-        # beside the figures before the temp dir goes.
-        for name in os.listdir(tmp):
-            if name.endswith(".log"):
-                shutil.copy(os.path.join(tmp, name), os.path.join(a.out, name))
+        # The proxies' own logs say why a run failed (a session cut, a health check down): keep
+        # the end of each (the access log makes them tens of MB) beside the figures.
+        if not finished:
+            for name in os.listdir(tmp):
+                if name.endswith(".log"):
+                    with open(os.path.join(tmp, name), "rb") as src:
+                        src.seek(max(0, os.path.getsize(src.name) - 1_000_000))
+                        with open(os.path.join(a.out, name), "wb") as dst:
+                            dst.write(src.read())
+            log(f"failed; the logs' last MB are in {a.out}")
         shutil.rmtree(tmp, ignore_errors=True)
 
 
