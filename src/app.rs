@@ -54,6 +54,7 @@ use crate::elector::{Elector, Member, Membership};
 use crate::etcd::{EtcdReport, EtcdSettings, EtcdWatcher, WatchEvent};
 use crate::health::{self, CheckSettings, Checker};
 use crate::metrics::Metrics;
+use crate::proxy::balance::{Balance, Handoff};
 use crate::proxy::spares::Spares;
 use crate::proxy::{self, Proxy, ProxySettings, Sessions, Shared};
 use crate::signals::{SignalEvent, Signals};
@@ -370,6 +371,9 @@ fn bind_clients(config: &Config) -> anyhow::Result<Vec<ListenerSet>> {
     Ok(sets)
 }
 
+/// Where a worker receives the connections other workers hand it ([`proxy::balance`]).
+type Inbox = mpsc::UnboundedReceiver<Handoff>;
+
 /// What every accept loop shares, whichever runtime it runs on.
 #[derive(Clone)]
 struct Acceptors {
@@ -381,9 +385,11 @@ struct Acceptors {
 }
 
 impl Acceptors {
-    /// Runs one set's accept loops; either ending ends both (the supervisor treats it as fatal
-    /// unless draining).
-    async fn run(self, main: TcpListener, read: Option<TcpListener>) {
+    /// Runs one set's accept loops and takes the connections other workers hand over; either
+    /// loop ending ends both (the supervisor treats it as fatal unless draining), and then the
+    /// handoffs already sent here still run.
+    async fn run(self, main: TcpListener, read: Option<TcpListener>, balance: Balance, mut inbox: Inbox) {
+        let balance = Arc::new(balance);
         let accept = |listener, route| Proxy {
             listener,
             route,
@@ -392,15 +398,24 @@ impl Acceptors {
             stop_accepting: self.stop_accepting.clone(),
             tracker: self.tracker.clone(),
             refusals: Arc::clone(&self.refusals),
+            balance: Arc::clone(&balance),
         };
-        let main_loop = accept(main, Route::Write).run();
-        match read.map(|l| accept(l, Route::Read).run()) {
-            Some(read_loop) => tokio::select! {
-                () = main_loop => {}
-                () = read_loop => {}
-            },
-            None => main_loop.await,
+        let main = accept(main, Route::Write);
+        let read = read.map(|l| accept(l, Route::Read));
+        let accepting = async {
+            match &read {
+                Some(read) => tokio::select! {
+                    () = main.run() => {}
+                    () = read.run() => {}
+                },
+                None => main.run().await,
+            }
+        };
+        tokio::select! {
+            () = accepting => {}
+            () = main.take_handoffs(&mut inbox) => {}
         }
+        main.close_inbox(&mut inbox);
     }
 }
 
@@ -414,11 +429,12 @@ fn spawn_workers(
 ) -> anyhow::Result<tokio::task::JoinHandle<Result<(), String>>> {
     let (ended_tx, mut ended_rx) = mpsc::unbounded_channel();
     let count = sets.len();
-    for (i, set) in sets.into_iter().enumerate() {
+    let balances = Balance::for_workers(&acceptors.shared.metrics, count);
+    for (i, (set, balance)) in sets.into_iter().zip(balances).enumerate() {
         let (mine, ended) = (acceptors.clone(), ended_tx.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("pgleader-worker-{i}"))
-            .spawn(move || run_worker(i, set, mine, &ended));
+            .spawn(move || run_worker(i, set, balance, mine, &ended));
         if let Err(e) = spawned {
             // The workers already running stop accepting and end once their sessions have.
             acceptors.stop_accepting.cancel();
@@ -444,6 +460,7 @@ fn spawn_workers(
 fn run_worker(
     i: usize,
     (main, read): ListenerSet,
+    (balance, inbox): (Balance, Inbox),
     acceptors: Acceptors,
     ended: &mpsc::UnboundedSender<Result<(), String>>,
 ) {
@@ -463,7 +480,7 @@ fn run_worker(
                 .map(TcpListener::from_std)
                 .transpose()
                 .map_err(|e| format!("worker {i}: register the read-only listener: {e}"))?;
-            acceptors.run(main, read).await;
+            acceptors.run(main, read, balance, inbox).await;
             Ok(())
         })
     }));

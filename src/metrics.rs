@@ -155,6 +155,8 @@ pub struct Metrics {
     pub sessions_active: IntGaugeVec,
     /// Sessions of the read-only listener.
     pub read_sessions_active: IntGaugeVec,
+    /// Client connections each worker thread runs (`proxy::balance`).
+    pub worker_connections: IntGaugeVec,
     /// A replica's lag behind the leader, as pgleader over-estimates it (rule 10); only replicas
     /// with a measured lag have a series.
     pub replica_lag_bytes: IntGaugeVec,
@@ -230,6 +232,11 @@ impl Metrics {
                 "pgleader_read_sessions_active",
                 "Client sessions of the read-only listener spliced to a backend",
                 &["backend"],
+            ),
+            worker_connections: gauge_vec(
+                "pgleader_worker_connections",
+                "Client connections run by each worker thread, from accept to close (both listeners)",
+                &["worker"],
             ),
             replica_lag_bytes: gauge_vec(
                 "pgleader_replica_lag_bytes",
@@ -329,7 +336,7 @@ impl Metrics {
             .expect("valid metric"),
         };
         m.etcd_confirmation_age.set(f64::NAN);
-        let collectors: [Box<dyn prometheus::core::Collector>; 21] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 22] = [
             Box::new(m.backend_up.clone()),
             Box::new(m.backend_role.clone()),
             Box::new(m.leader.clone()),
@@ -338,6 +345,7 @@ impl Metrics {
             Box::new(m.clients_waiting.clone()),
             Box::new(m.sessions_active.clone()),
             Box::new(m.read_sessions_active.clone()),
+            Box::new(m.worker_connections.clone()),
             Box::new(m.replica_lag_bytes.clone()),
             Box::new(m.replica_lag_seconds.clone()),
             Box::new(m.sessions.clone()),

@@ -219,6 +219,44 @@ async fn drains_open_sessions(name: &str, proxy_extra: &str) {
     assert!(!logged.contains("hunter2"), "no secret in the logs");
 }
 
+/// With workers, connections are spread evenly over them whichever worker's listener the kernel
+/// hashed each one to (`proxy::balance`): 32 clients opened one after another run 16 on each of
+/// the 2 workers, every one of them works, and the counts go back to zero as they close. (Without
+/// the balancing, the kernel's hash splits 32 evenly in about 1 run of 7.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_spread_evenly_over_the_workers() {
+    let primary = PgNode::start_primary("balance");
+    let config = config_with(&primary, "30s", "workers = 2\n");
+    let pgleader = Process::start(config.path());
+    wait_ready(pgleader.admin).await;
+    let mut sessions = Vec::new();
+    for _ in 0..32 {
+        sessions.push(connect_via(pgleader.proxy, "postgres").await.expect("a session through pgleader"));
+    }
+    for (i, session) in (0..32).zip(&sessions) {
+        let row = session.query_one("SELECT $1::int", &[&i]).await.expect("every session works");
+        assert_eq!(row.get::<_, i32>(0), i);
+    }
+    assert_eq!(worker_connections(pgleader.admin).await, [16, 16], "connections per worker");
+    drop(sessions);
+    common::eventually(Duration::from_secs(20), "every connection closed", || async {
+        (worker_connections(pgleader.admin).await == [0, 0]).then_some(())
+    })
+    .await;
+}
+
+/// `pgleader_worker_connections` of workers 0 and 1, from `/metrics`.
+async fn worker_connections(admin: SocketAddr) -> [i64; 2] {
+    let (code, body) = get(admin, "/metrics").await;
+    assert_eq!(code, 200, "{body}");
+    let value = |worker: &str| {
+        let series = format!("pgleader_worker_connections{{worker=\"{worker}\"}} ");
+        let line = body.lines().find_map(|l| l.strip_prefix(series.as_str()));
+        line.unwrap_or_else(|| panic!("no {series}in /metrics:\n{body}")).trim().parse::<i64>().unwrap()
+    };
+    [value("0"), value("1")]
+}
+
 /// A session left open at SIGTERM keeps working while pgleader drains (not ready, refusing new
 /// connections), and is closed when `shutdown_grace` ends; pgleader then exits 0. The grace is
 /// long (8 s) so the steps inside it are not a race on a loaded machine; how long the session

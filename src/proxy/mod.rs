@@ -30,6 +30,7 @@
 //! by the kernel rather than dropped half-open. The kernel caps it at `net.core.somaxconn`, and a
 //! lower cap is warned about at start and on reload.
 
+pub(crate) mod balance;
 pub(crate) mod handshake;
 pub mod spares;
 #[cfg(test)]
@@ -56,6 +57,7 @@ use crate::pump::{pump_both, Side, Tally};
 use crate::task::sleep_until_some;
 use crate::topology::{BackendId, CutReason, Report, Route, RoutingTable, Target};
 
+use balance::{Balance, Handoff, Held};
 use handshake::{forward_cancel, Admitted, Connect, Context, Handshake, Outcome, Refusal};
 use spares::Spares;
 
@@ -124,7 +126,7 @@ fn warn_if_capped(backlog: usize) {
 }
 
 /// What a connection was admitted as; the permit is held for the connection's life.
-enum Admission {
+pub(crate) enum Admission {
     /// Counts toward `max_connections`.
     Client(OwnedSemaphorePermit),
     /// Only answered with the refusal's SQLSTATE (a `REFUSALS_IN_FLIGHT` permit).
@@ -230,6 +232,8 @@ pub struct Proxy {
     pub tracker: TaskTracker,
     /// Refusals answered at once, across every accept loop of the process ([`refusals_in_flight`]).
     pub refusals: Arc<Semaphore>,
+    /// This worker's share of the connections ([`balance`]).
+    pub balance: Arc<Balance>,
 }
 
 /// The bound on refusals answered at once, shared by every accept loop (workers included).
@@ -261,7 +265,7 @@ impl Proxy {
 
     /// Accepts until `stop_accepting`; accept errors (EMFILE and the like) back off and continue.
     /// A reload of `max_connections` resizes the listen backlog.
-    pub async fn run(self) {
+    pub async fn run(&self) {
         let next_id = AtomicU64::new(1);
         let mut backoff = Duration::from_millis(10);
         let refusals = Arc::clone(&self.refusals);
@@ -288,9 +292,17 @@ impl Proxy {
                     backoff = Duration::from_millis(10);
                     let Some(admission) = self.admit(peer, &refusals) else { continue };
                     let id = next_id.fetch_add(1, Ordering::Relaxed);
-                    let span = tracing::debug_span!("conn", id, %peer, listener = self.route.as_str());
-                    let shared = Arc::clone(&self.shared);
-                    self.tracker.spawn(handle(shared, self.route, socket, peer, admission).instrument(span));
+                    let (socket, admission, held) = match self.balance.elsewhere() {
+                        // A refusal is answered where it was accepted: it is over at once.
+                        Some(worker) if matches!(admission, Admission::Client(_)) => {
+                            match self.hand_off(worker, socket, peer, admission, id) {
+                                Ok(()) => continue,
+                                Err(back) => back,
+                            }
+                        }
+                        _ => (socket, admission, self.balance.here()),
+                    };
+                    self.serve(socket, peer, self.route, admission, held, id);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "accept failed; backing off (raise the file descriptor limit if this is EMFILE)");
@@ -300,6 +312,81 @@ impl Proxy {
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
+            }
+        }
+    }
+}
+
+impl Proxy {
+    /// Runs one client's connection on this worker until it ends.
+    fn serve(&self, socket: TcpStream, peer: SocketAddr, route: Route, admission: Admission, held: Held, id: u64) {
+        let span = tracing::debug_span!("conn", id, %peer, listener = route.as_str());
+        let shared = Arc::clone(&self.shared);
+        self.tracker.spawn(
+            async move {
+                let _held = held;
+                handle(shared, route, socket, peer, admission).await;
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Sends an accepted connection to `worker`; what could not go (the socket could not leave
+    /// this runtime, or the worker takes no more) comes back to run here.
+    fn hand_off(
+        &self,
+        worker: usize,
+        socket: TcpStream,
+        peer: SocketAddr,
+        admission: Admission,
+        id: u64,
+    ) -> Result<(), (TcpStream, Admission, Held)> {
+        let socket = match socket.into_std() {
+            Ok(s) => s,
+            // Not seen in practice: into_std only fails if the socket cannot be deregistered,
+            // and then it is gone; the client sees a closed connection, as for any accept error.
+            Err(e) => {
+                tracing::warn!(error = %e, %peer, "cannot move an accepted connection to another worker; closing it");
+                return Ok(());
+            }
+        };
+        let handoff = Handoff { socket, peer, route: self.route, admission, held: self.balance.hold(worker), id };
+        let back = match self.balance.send(worker, handoff) {
+            Ok(()) => return Ok(()),
+            Err(back) => back,
+        };
+        let Handoff { socket, admission, held, .. } = back;
+        drop(held);
+        match TcpStream::from_std(socket) {
+            Ok(socket) => Err((socket, admission, self.balance.here())),
+            Err(e) => {
+                tracing::warn!(error = %e, %peer, "cannot take back an accepted connection; closing it");
+                Ok(())
+            }
+        }
+    }
+
+    /// Runs the connections other workers hand to this one, until `inbox` is closed; then the
+    /// ones already sent.
+    pub(crate) async fn take_handoffs(&self, inbox: &mut mpsc::UnboundedReceiver<Handoff>) {
+        while let Some(h) = inbox.recv().await {
+            self.take(h);
+        }
+    }
+
+    /// After this worker's accept loops ended: no more handoffs, and the ones in flight run here.
+    pub(crate) fn close_inbox(&self, inbox: &mut mpsc::UnboundedReceiver<Handoff>) {
+        inbox.close();
+        while let Ok(h) = inbox.try_recv() {
+            self.take(h);
+        }
+    }
+
+    fn take(&self, h: Handoff) {
+        match TcpStream::from_std(h.socket) {
+            Ok(socket) => self.serve(socket, h.peer, h.route, h.admission, h.held, h.id),
+            Err(e) => {
+                tracing::warn!(error = %e, peer = %h.peer, "cannot register a connection handed from another worker; closing it")
             }
         }
     }
