@@ -33,6 +33,7 @@ pub const EXPORTED_METRICS: &[&str] = &[
     "pgleader_replicas_in_bounds",
     "pgleader_spare_connections",
     "pgleader_spare_connections_total",
+    "pgleader_worker_connections",
 ];
 
 /// The histograms among [`EXPORTED_METRICS`], queried through `_bucket`, `_sum` and `_count`.
