@@ -415,7 +415,7 @@ impl Acceptors {
             () = accepting => {}
             () = main.take_handoffs(&mut inbox) => {}
         }
-        main.close_inbox(&mut inbox);
+        main.close_inbox(&mut inbox).await;
     }
 }
 

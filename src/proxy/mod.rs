@@ -366,8 +366,8 @@ impl Proxy {
         }
     }
 
-    /// Runs the connections other workers hand to this one, until `inbox` is closed; then the
-    /// ones already sent.
+    /// Runs the connections other workers hand to this one, until `inbox` is closed and every
+    /// send begun before that has been taken.
     pub(crate) async fn take_handoffs(&self, inbox: &mut mpsc::UnboundedReceiver<Handoff>) {
         while let Some(h) = inbox.recv().await {
             self.take(h);
@@ -375,11 +375,11 @@ impl Proxy {
     }
 
     /// After this worker's accept loops ended: no more handoffs, and the ones in flight run here.
-    pub(crate) fn close_inbox(&self, inbox: &mut mpsc::UnboundedReceiver<Handoff>) {
+    /// `recv` after `close`, not `try_recv`: a send that had begun when the inbox closed has
+    /// already told its sender it arrived, and `try_recv` reports it as not there yet.
+    pub(crate) async fn close_inbox(&self, inbox: &mut mpsc::UnboundedReceiver<Handoff>) {
         inbox.close();
-        while let Ok(h) = inbox.try_recv() {
-            self.take(h);
-        }
+        self.take_handoffs(inbox).await;
     }
 
     fn take(&self, h: Handoff) {
