@@ -295,10 +295,8 @@ impl Proxy {
                     let (socket, admission, held) = match self.balance.elsewhere() {
                         // A refusal is answered where it was accepted: it is over at once.
                         Some(worker) if matches!(admission, Admission::Client(_)) => {
-                            match self.hand_off(worker, socket, peer, admission, id) {
-                                Ok(()) => continue,
-                                Err(back) => back,
-                            }
+                            let Some(back) = self.hand_off(worker, socket, peer, admission, id) else { continue };
+                            back
                         }
                         _ => (socket, admission, self.balance.here()),
                     };
@@ -325,8 +323,8 @@ impl Proxy {
         self.tracker.spawn(handle(shared, route, socket, peer, admission, held).instrument(span));
     }
 
-    /// Sends an accepted connection to `worker`; what could not go (the socket could not leave
-    /// this runtime, or the worker takes no more) comes back to run here.
+    /// Sends an accepted connection to `worker`; what comes back (that worker takes no more)
+    /// runs here. A socket that cannot leave or rejoin this runtime is closed.
     fn hand_off(
         &self,
         worker: usize,
@@ -334,28 +332,25 @@ impl Proxy {
         peer: SocketAddr,
         admission: Admission,
         id: u64,
-    ) -> Result<(), (TcpStream, Admission, Held)> {
+    ) -> Option<(TcpStream, Admission, Held)> {
         let socket = match socket.into_std() {
             Ok(s) => s,
             // Not seen in practice: into_std only fails if the socket cannot be deregistered,
             // and then it is gone; the client sees a closed connection, as for any accept error.
             Err(e) => {
                 tracing::warn!(error = %e, %peer, "cannot move an accepted connection to another worker; closing it");
-                return Ok(());
+                return None;
             }
         };
         let handoff = Handoff { socket, peer, route: self.route, admission, held: self.balance.hold(worker), id };
-        let back = match self.balance.send(worker, handoff) {
-            Ok(()) => return Ok(()),
-            Err(back) => back,
-        };
-        let Handoff { socket, admission, held, .. } = back;
+        // Sent: nothing comes back.
+        let Handoff { socket, admission, held, .. } = self.balance.send(worker, handoff).err()?;
         drop(held);
         match TcpStream::from_std(socket) {
-            Ok(socket) => Err((socket, admission, self.balance.here())),
+            Ok(socket) => Some((socket, admission, self.balance.here())),
             Err(e) => {
                 tracing::warn!(error = %e, %peer, "cannot take back an accepted connection; closing it");
-                Ok(())
+                None
             }
         }
     }
