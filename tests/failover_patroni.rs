@@ -165,12 +165,8 @@ async fn switchover(replication: Replication) {
     // while authentication is in progress). Attempts are sequential, so that is at most one per
     // writer; everything it breaks is a broken session, never a refused or held-then-failed one.
     for writer in [Writer::NewConn, Writer::LongLived] {
-        let failed: Vec<&Attempt> = run.of(writer).filter(|a| a.outcome != Outcome::Ok).collect();
-        let not_shutdown: Vec<&Attempt> = failed
-            .iter()
-            .copied()
-            .filter(|a| !matches!(a.outcome, Outcome::Closed | Outcome::Reset | Outcome::AdminShutdown))
-            .collect();
+        let failed: Vec<&Attempt> = run.failed(writer).collect();
+        let not_shutdown: Vec<&Attempt> = failed.iter().copied().filter(|a| !a.outcome.is_shutdown_break()).collect();
         assert_none(&not_shutdown, &format!("{writer}: failures other than the shutdown of its live session"));
         assert!(failed.len() <= 1, "{writer}: more than the one session the shutdown broke: {failed:#?}");
     }
@@ -369,8 +365,7 @@ async fn both_nodes_down_gives_57p03_and_recovers_by_itself() {
         .filter(|a| a.outcome != Outcome::Ok && a.outcome != Outcome::CannotConnectNow)
         .collect();
     assert!(
-        stopping.len() <= 1
-            && stopping.iter().all(|a| matches!(a.outcome, Outcome::Closed | Outcome::Reset | Outcome::AdminShutdown)),
+        stopping.len() <= 1 && stopping.iter().all(|a| a.outcome.is_shutdown_break()),
         "while the nodes stop, only the session in flight may break: {stopping:#?}"
     );
     let outage_errors: Vec<&Attempt> = run

@@ -128,6 +128,14 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// What a fast shutdown does to a session that is live at that instant, mid-handshake or
+    /// mid-query: 57P01, a close without a message (authentication in progress) or a reset. A
+    /// proxy cannot save that session (it has authenticated, and SCRAM cannot be replayed), so a
+    /// switchover may break it; every other failure is one a proxy must prevent.
+    pub fn is_shutdown_break(self) -> bool {
+        matches!(self, Outcome::Closed | Outcome::Reset | Outcome::AdminShutdown)
+    }
+
     /// The outcome whose [`Outcome::label`] is `label`.
     pub fn from_label(label: &str) -> Option<Outcome> {
         [
@@ -588,6 +596,11 @@ impl Run {
     /// Attempts of `writer`.
     pub fn of(&self, writer: Writer) -> impl Iterator<Item = &Attempt> {
         self.attempts.iter().filter(move |a| a.writer == writer)
+    }
+
+    /// Failed attempts of `writer`.
+    pub fn failed(&self, writer: Writer) -> impl Iterator<Item = &Attempt> {
+        self.of(writer).filter(|a| a.outcome != Outcome::Ok)
     }
 
     /// Acknowledged ids that `leader` (a direct connection to the final leader) does not have.
