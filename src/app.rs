@@ -248,6 +248,7 @@ async fn start_inner(config: Config, config_path: Option<PathBuf>) -> anyhow::Re
         hard_stop: hard_stop.clone(),
         sessions: Sessions::default(),
         spares,
+        next_id: AtomicU64::new(1),
     });
     let acceptors = Acceptors {
         shared,

@@ -49,10 +49,13 @@ pub enum SessionResult {
     CancelUnmatched,
     /// The read-only listener had no replica in bounds (and no fallback) in time: 57P03.
     NoReplica,
+    /// Closed before a byte was read because the accepted socket could not move between
+    /// pgleader's workers (a runtime registration error; the client sees a closed connection).
+    HandoffFailed,
 }
 
 impl SessionResult {
-    pub const ALL: [SessionResult; 16] = [
+    pub const ALL: [SessionResult; 17] = [
         SessionResult::Ok,
         SessionResult::Cut,
         SessionResult::NoLeader,
@@ -69,6 +72,7 @@ impl SessionResult {
         SessionResult::CancelFailed,
         SessionResult::CancelUnmatched,
         SessionResult::NoReplica,
+        SessionResult::HandoffFailed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -89,6 +93,7 @@ impl SessionResult {
             SessionResult::CancelFailed => "cancel_failed",
             SessionResult::CancelUnmatched => "cancel_unmatched",
             SessionResult::NoReplica => "no_replica",
+            SessionResult::HandoffFailed => "handoff_failed",
         }
     }
 }

@@ -146,6 +146,9 @@ pub struct Shared {
     pub sessions: Sessions,
     /// Connections to the leader opened ahead of time.
     pub spares: Arc<Spares>,
+    /// The next accepted connection's number, for its span: one sequence for the process, so no
+    /// two connections of different workers or listeners share one.
+    pub next_id: AtomicU64,
 }
 
 /// Open sessions per backend address (a cancel request can only concern one of them) and read
@@ -266,7 +269,6 @@ impl Proxy {
     /// Accepts until `stop_accepting`; accept errors (EMFILE and the like) back off and continue.
     /// A reload of `max_connections` resizes the listen backlog.
     pub async fn run(&self) {
-        let next_id = AtomicU64::new(1);
         let mut backoff = Duration::from_millis(10);
         let refusals = Arc::clone(&self.refusals);
         let mut settings = self.shared.settings.clone();
@@ -291,7 +293,7 @@ impl Proxy {
                 Ok((socket, peer)) => {
                     backoff = Duration::from_millis(10);
                     let Some(admission) = self.admit(peer, &refusals) else { continue };
-                    let id = next_id.fetch_add(1, Ordering::Relaxed);
+                    let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
                     let (socket, admission, held) = match self.balance.elsewhere() {
                         // A refusal is answered where it was accepted: it is over at once.
                         Some(worker) if matches!(admission, Admission::Client(_)) => {
@@ -339,6 +341,7 @@ impl Proxy {
             // and then it is gone; the client sees a closed connection, as for any accept error.
             Err(e) => {
                 tracing::warn!(error = %e, %peer, "cannot move an accepted connection to another worker; closing it");
+                self.shared.metrics.session_ended(SessionResult::HandoffFailed);
                 return None;
             }
         };
@@ -350,6 +353,7 @@ impl Proxy {
             Ok(socket) => Some((socket, admission, self.balance.here())),
             Err(e) => {
                 tracing::warn!(error = %e, %peer, "cannot take back an accepted connection; closing it");
+                self.shared.metrics.session_ended(SessionResult::HandoffFailed);
                 None
             }
         }
@@ -375,7 +379,8 @@ impl Proxy {
         match TcpStream::from_std(h.socket) {
             Ok(socket) => self.serve(socket, h.peer, h.route, h.admission, h.held, h.id),
             Err(e) => {
-                tracing::warn!(error = %e, peer = %h.peer, "cannot register a connection handed from another worker; closing it")
+                tracing::warn!(error = %e, peer = %h.peer, "cannot register a connection handed from another worker; closing it");
+                self.shared.metrics.session_ended(SessionResult::HandoffFailed);
             }
         }
     }
