@@ -5,6 +5,7 @@
   bench/profile.py callgrind [--clients 32] [--seconds 10]                     # pgleader under callgrind
   bench/profile.py syscalls  [--clients 32] [--seconds 5]                      # strace -c -f on the proxy
 
+  --connect adds pgbench's -C (a new connection per transaction): what a connection costs.
   --proxy haproxy profiles HAProxy (mode tcp, as bench/e2e.py runs it) instead, for the same
   figures side by side (perf and syscalls).
 
@@ -33,6 +34,7 @@ def main():
     ap.add_argument("--mode", default="prepared")
     ap.add_argument("--pgleader", default="target/release/pgleader")
     ap.add_argument("--proxy", choices=["pgleader", "haproxy"], default="pgleader")
+    ap.add_argument("--connect", action="store_true", help="pgbench -C: a new connection per transaction")
     ap.add_argument("--out")
     a = ap.parse_args()
     if a.proxy == "haproxy" and a.kind == "callgrind":
@@ -61,7 +63,8 @@ def main():
         else:
             pl.start()
         bench = [f"{e2e.PGBIN}/pgbench", "-n", "-S", "-M", a.mode, "-c", str(a.clients), "-j", "2",
-                 "-T", str(a.seconds), "-h", "127.0.0.1", "-p", str(pl.port), "-U", e2e.USER, e2e.DB]
+                 "-T", str(a.seconds), "-h", "127.0.0.1", "-p", str(pl.port), "-U", e2e.USER]
+        bench += ["-C", e2e.DB] if a.connect else [e2e.DB]
         prof = None
         if a.kind == "perf":
             prof = subprocess.Popen(["perf", "record", "-F", "499", "-g", "-o", f"{out}/perf.data", "-p",

@@ -143,6 +143,11 @@ pub(crate) struct Admitted<B> {
     pub(crate) address: SocketAddr,
     /// TLS now runs end to end between client and backend.
     pub(crate) tls: bool,
+    /// Microseconds spent waiting on backends before admission, every attempt included:
+    /// connects, and the waits for an SSL answer and a first reply (not the waits for the
+    /// client). A `u32` beside `tls`, in what would be padding: this struct lives as long as the
+    /// session.
+    pub(crate) backend_wait_us: u32,
 }
 
 /// How a handshake ended.
@@ -375,6 +380,7 @@ where
         let mut after_failure = false;
         // After a spare has failed, this client gets fresh connections only.
         let mut spares_ok = true;
+        let mut backend_wait = Duration::ZERO;
         loop {
             let waited = {
                 let Self { client, ctx } = self;
@@ -399,11 +405,16 @@ where
             };
             let spare = spares_ok.then(|| self.ctx.connector.spare(&target)).flatten();
             let from_spare = spare.is_some();
+            let connecting = Instant::now();
             let backend = match spare {
                 Some(b) => b,
                 None => match connect(&self.ctx, target.address).await {
-                    Ok(b) => b,
+                    Ok(b) => {
+                        backend_wait += connecting.elapsed();
+                        b
+                    }
                     Err(e) => {
+                        backend_wait += connecting.elapsed();
                         self.report_failed(target, &e);
                         after_failure = true;
                         continue;
@@ -411,7 +422,7 @@ where
                 },
             };
             // Boxed: the attempt's state is needed once, not for the session's whole life.
-            match Box::pin(self.attempt(backend, target, &mut hello)).await {
+            match Box::pin(self.attempt(backend, target, &mut hello, &mut backend_wait)).await {
                 Ok(Some(admitted)) => return Outcome::Admitted(admitted),
                 // The table moved on while we were connecting: nothing was shown to the client.
                 Ok(None) => after_failure = false,
@@ -532,6 +543,7 @@ where
         mut backend: K::Stream,
         target: Target,
         hello: &mut Hello,
+        backend_wait: &mut Duration,
     ) -> Result<Option<Admitted<K::Stream>>, HandshakeError> {
         let Target { id, address, .. } = target;
         let connect_timeout = self.ctx.settings.connect_timeout;
@@ -540,11 +552,13 @@ where
             let mut request = 8u32.to_be_bytes().to_vec();
             request.extend_from_slice(&pgwire::SSL_REQUEST_CODE.to_be_bytes());
             let mut answer = [0u8; 1];
+            let asked = Instant::now();
             let exchanged = timeout_at(limit, async {
                 backend.write_all(&request).await?;
                 backend.read_exact(&mut answer).await
             })
             .await;
+            *backend_wait += asked.elapsed();
             match exchanged {
                 Ok(Ok(_)) if matches!(answer[0], b'S' | b'N') => {}
                 Ok(Ok(_)) => return Err(on_backend(Phase::SslAnswer, Cause::BadSslAnswer(answer[0]))),
@@ -556,7 +570,7 @@ where
             }
             self.client.write_all(&answer).await.map_err(|e| on_client(Phase::Relay, Cause::Io(e)))?;
             if answer[0] == b'S' {
-                return Ok(Some(Admitted { backend, id, address, tls: true }));
+                return Ok(Some(Admitted { backend, id, address, tls: true, backend_wait_us: micros(*backend_wait) }));
             }
             // `N`: from here on this client is plaintext, whichever backend serves it.
             hello.ssl_request = false;
@@ -577,6 +591,7 @@ where
         }
         let limit = Instant::now() + connect_timeout;
         let mut reply = Vec::with_capacity(512);
+        let asked = Instant::now();
         let vetted = timeout_at(limit, async {
             backend.write_all(&hello.startup).await?;
             loop {
@@ -591,6 +606,7 @@ where
             }
         })
         .await;
+        *backend_wait += asked.elapsed();
         match vetted {
             Ok(Ok(BackendReply::Proceed)) => {}
             Ok(Ok(_)) => return Err(on_backend(Phase::FirstReply, Cause::CannotConnectNow)),
@@ -601,8 +617,13 @@ where
             return Ok(None);
         }
         self.client.write_all(&reply).await.map_err(|e| on_client(Phase::Relay, Cause::Io(e)))?;
-        Ok(Some(Admitted { backend, id, address, tls: false }))
+        Ok(Some(Admitted { backend, id, address, tls: false, backend_wait_us: micros(*backend_wait) }))
     }
+}
+
+/// `d` in whole microseconds, saturating (71 minutes).
+pub(crate) fn micros(d: Duration) -> u32 {
+    u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
 }
 
 fn io_cause(e: io::Error) -> Cause {

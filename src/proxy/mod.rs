@@ -467,6 +467,15 @@ async fn handle(
                     Some(forward_cancel(&direct, &raw, &targets, settings.connect_timeout).await)
                 }
                 Outcome::Admitted(admitted) => {
+                    // From the session task's start to the backend's first byte relayed, and the
+                    // part of it spent waiting on backends (the rest: the client's packets, a
+                    // leader wait, pgleader's own steps). Logged here: `splice` keeps its
+                    // arguments for the whole session.
+                    tracing::debug!(
+                        setup_us = handshake::micros(started.elapsed()),
+                        backend_us = admitted.backend_wait_us,
+                        "admitted"
+                    );
                     Some(splice(&shared, route, &handshake.client, admitted, &mut line).await)
                 }
             }
