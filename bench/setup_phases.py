@@ -54,6 +54,8 @@ def main():
     ap.add_argument("--connect-clients", type=int, default=2)
     ap.add_argument("--load-clients", type=int, default=16, help="0: no background load")
     ap.add_argument("--workers", type=int, help="pgleader's [proxy] workers (default: its own default)")
+    ap.add_argument("--baseline", action="append", default=[],
+                    help="another pgleader binary in the same interleaved run, as NAME=BIN (repeatable)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="pgleader-setup-")
@@ -63,16 +65,20 @@ def main():
         e2e.psql(pg.port, f"CREATE DATABASE {DB}", db="postgres")
         e2e.run([f"{PGBIN}/pgbench", "-i", "-q", "-s", "10", "-h", "127.0.0.1", "-p", str(pg.port), "-U", USER, DB])
         direct = e2e.Direct(pg)
-        leader = e2e.PgLeader(tmp, pg, args.pgleader, workers=args.workers)
-        # JSON logs with the proxy's debug lines (the `admitted` line carries the timings).
-        with open(leader.conf, "a") as f:
-            f.write('[log]\nformat = "json"\nfilter = "info,pgleader::proxy=debug"\naccess = false\n')
+        leaders = [e2e.PgLeader(tmp, pg, args.pgleader, workers=args.workers)]
+        for spec in args.baseline:
+            name, binary = spec.split("=", 1)
+            leaders.append(e2e.PgLeader(tmp, pg, binary, name=name, workers=args.workers))
+        for leader in leaders:
+            # JSON logs with the proxy's debug lines (the `admitted` line carries the timings).
+            with open(leader.conf, "a") as f:
+                f.write('[log]\nformat = "json"\nfilter = "info,pgleader::proxy=debug"\naccess = false\n')
+            leader.start()
         haproxy = e2e.HAProxy(tmp, pg)
-        leader.start()
         haproxy.start()
-        contenders = [direct, leader, haproxy]
+        contenders = [direct, *leaders, haproxy]
         runs = []
-        offset = 0
+        offsets = {leader.name: 0 for leader in leaders}
         for rep in range(args.reps):
             for c in contenders:
                 load = None
@@ -82,13 +88,14 @@ def main():
                          "-c", str(args.load_clients), "-j", "2", "-T", str(args.duration + 4), "-S", DB],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     time.sleep(2)
-                _, offset = admitted_lines(leader.logf, offset) if c is leader else (None, offset)
+                if c in leaders:
+                    _, offsets[c.name] = admitted_lines(c.logf, offsets[c.name])
                 res = e2e.pgbench(c, c.port, ["-S", "-C"], args.connect_clients, args.duration)
                 if load:
                     load.wait()
                 res.update({"rep": rep, "contender": c.name})
-                if c is leader:
-                    phases, offset = admitted_lines(leader.logf, offset)
+                if c in leaders:
+                    phases, offsets[c.name] = admitted_lines(c.logf, offsets[c.name])
                     if phases:
                         setup = sorted(p[0] for p in phases)
                         backend = sorted(p[1] for p in phases)
@@ -105,11 +112,11 @@ def main():
                 f.write(json.dumps(r) + "\n")
         lines = [f"setup phases: -C with {args.connect_clients} clients, {args.duration} s, "
                  f"load {args.load_clients} direct -S clients, {args.reps} reps, medians of reps"]
-        for name in ["direct", "pgleader", "haproxy"]:
+        for name in [c.name for c in contenders]:
             rs = [r for r in runs if r["contender"] == name]
             med = lambda k: statistics.median(r[k] for r in rs) if all(k in r for r in rs) else None  # noqa: E731
-            line = f"{name:9} tps {med('tps'):8.1f}  pgbench conn_ms {med('conn_ms'):6.2f}"
-            if name == "pgleader" and med("setup_ms_mean") is not None:
+            line = f"{name:12} tps {med('tps'):8.1f}  pgbench conn_ms {med('conn_ms'):6.2f}"
+            if med("setup_ms_mean") is not None:
                 line += (f"  setup mean {med('setup_ms_mean'):.2f} p50 {med('setup_ms_p50'):.2f}"
                          f"  waiting on PostgreSQL mean {med('backend_ms_mean'):.2f} p50 {med('backend_ms_p50'):.2f}"
                          f"  the rest mean {med('own_ms_mean'):.2f} ms")
