@@ -107,10 +107,15 @@ impl Drop for Process {
 impl Process {
     /// Starts the binary and reads the bound addresses from its JSON startup log line.
     fn start(config: &Path) -> Process {
+        Process::start_logging(config, "info")
+    }
+
+    /// [`Process::start`] with `filter` as `RUST_LOG`.
+    fn start_logging(config: &Path, filter: &str) -> Process {
         let mut child = Command::new(BIN)
             .args(["--log-format", "json", "--config"])
             .arg(config)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", filter)
             .stderr(Stdio::piped())
             .spawn()
             .expect("start pgleader");
@@ -217,6 +222,31 @@ async fn drains_open_sessions(name: &str, proxy_extra: &str) {
     assert!(f["duration_ms"].is_u64());
     let logged = serde_json::to_string(&*pgleader.logs.lock().unwrap()).unwrap();
     assert!(!logged.contains("hunter2"), "no secret in the logs");
+}
+
+/// At debug, an admitted session logs how long its set-up took and how much of that was spent
+/// waiting on PostgreSQL (the runbook's "New connections are slow"); the part is never more than
+/// the whole, and connecting to a real server takes some of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admitted_session_logs_its_set_up_time_and_the_part_spent_on_postgres() {
+    let primary = PgNode::start_primary("setup-timing");
+    let config = config_with(&primary, "30s", "");
+    let pgleader = Process::start_logging(config.path(), "info,pgleader::proxy=debug");
+    wait_ready(pgleader.admin).await;
+    let session = connect_via(pgleader.proxy, "postgres").await.unwrap();
+    session.query_one("SELECT 1", &[]).await.expect("the session works");
+    let admitted: Vec<serde_json::Value> = pgleader
+        .logs
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|v| v["fields"]["message"] == "admitted")
+        .map(|v| v["fields"].clone())
+        .collect();
+    assert_eq!(admitted.len(), 1, "one admitted line for the one session: {admitted:?}");
+    let (setup, backend) = (admitted[0]["setup_us"].as_u64(), admitted[0]["backend_us"].as_u64());
+    let (Some(setup), Some(backend)) = (setup, backend) else { panic!("both timings: {}", admitted[0]) };
+    assert!(backend > 0 && backend <= setup, "0 < backend_us {backend} <= setup_us {setup}");
 }
 
 /// With workers, connections are spread evenly over them whichever worker's listener the kernel
