@@ -34,6 +34,8 @@ def admitted_lines(path, offset):
     with open(path, "rb") as f:
         f.seek(offset)
         data = f.read()
+    # Only whole lines: a line still being written is read next time.
+    data = data[: data.rfind(b"\n") + 1]
     for raw in data.splitlines():
         try:
             v = json.loads(raw)
@@ -49,7 +51,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--pgleader", default="target/release/pgleader")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--connect-clients", type=int, default=2)
     ap.add_argument("--load-clients", type=int, default=16, help="0: no background load")

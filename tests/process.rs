@@ -235,15 +235,17 @@ async fn an_admitted_session_logs_its_set_up_time_and_the_part_spent_on_postgres
     wait_ready(pgleader.admin).await;
     let session = connect_via(pgleader.proxy, "postgres").await.unwrap();
     session.query_one("SELECT 1", &[]).await.expect("the session works");
-    let admitted: Vec<serde_json::Value> = pgleader
-        .logs
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|v| v["fields"]["message"] == "admitted")
-        .map(|v| v["fields"].clone())
-        .collect();
+    let lines = || -> Vec<serde_json::Value> {
+        let logs = pgleader.logs.lock().unwrap();
+        logs.iter().filter(|v| v["fields"]["message"] == "admitted").map(|v| v["fields"].clone()).collect()
+    };
+    // The line is written before the first reply is relayed; the reader thread may not have
+    // parsed it yet.
+    common::eventually(Duration::from_secs(10), "the admitted line", || async { (!lines().is_empty()).then_some(()) })
+        .await;
+    let admitted = lines();
     assert_eq!(admitted.len(), 1, "one admitted line for the one session: {admitted:?}");
+    assert_eq!(admitted[0]["tls"], false, "a plaintext session: {}", admitted[0]);
     let (setup, backend) = (admitted[0]["setup_us"].as_u64(), admitted[0]["backend_us"].as_u64());
     let (Some(setup), Some(backend)) = (setup, backend) else { panic!("both timings: {}", admitted[0]) };
     assert!(backend > 0 && backend <= setup, "0 < backend_us {backend} <= setup_us {setup}");

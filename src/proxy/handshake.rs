@@ -143,17 +143,15 @@ pub(crate) struct Admitted<B> {
     pub(crate) address: SocketAddr,
     /// TLS now runs end to end between client and backend.
     pub(crate) tls: bool,
-    /// Microseconds spent waiting on backends before admission, every attempt included:
-    /// connects, and the waits for an SSL answer and a first reply (not the waits for the
-    /// client). A `u32` beside `tls`, in what would be padding: this struct lives as long as the
-    /// session.
-    pub(crate) backend_wait_us: u32,
 }
 
 /// How a handshake ended.
 pub(crate) enum Outcome<B> {
-    /// Splice from here.
-    Admitted(Admitted<B>),
+    /// Splice from here. The `u32`: microseconds spent waiting on backends before admission,
+    /// every attempt included (connects, the waits for an SSL answer and a first reply; not the
+    /// waits for the client). Beside `Admitted`, not in it: `splice` keeps that for the whole
+    /// session.
+    Admitted(Admitted<B>, u32),
     /// A CancelRequest (its raw bytes); never answered.
     Cancel(Vec<u8>),
     /// Ended before any splice, already answered where the protocol allows; `None`: a TCP
@@ -423,7 +421,7 @@ where
             };
             // Boxed: the attempt's state is needed once, not for the session's whole life.
             match Box::pin(self.attempt(backend, target, &mut hello, &mut backend_wait)).await {
-                Ok(Some(admitted)) => return Outcome::Admitted(admitted),
+                Ok(Some(admitted)) => return Outcome::Admitted(admitted, micros(backend_wait)),
                 // The table moved on while we were connecting: nothing was shown to the client.
                 Ok(None) => after_failure = false,
                 // A spare the server closed (it timed out, or the server restarted) is not news
@@ -570,7 +568,7 @@ where
             }
             self.client.write_all(&answer).await.map_err(|e| on_client(Phase::Relay, Cause::Io(e)))?;
             if answer[0] == b'S' {
-                return Ok(Some(Admitted { backend, id, address, tls: true, backend_wait_us: micros(*backend_wait) }));
+                return Ok(Some(Admitted { backend, id, address, tls: true }));
             }
             // `N`: from here on this client is plaintext, whichever backend serves it.
             hello.ssl_request = false;
@@ -617,7 +615,7 @@ where
             return Ok(None);
         }
         self.client.write_all(&reply).await.map_err(|e| on_client(Phase::Relay, Cause::Io(e)))?;
-        Ok(Some(Admitted { backend, id, address, tls: false, backend_wait_us: micros(*backend_wait) }))
+        Ok(Some(Admitted { backend, id, address, tls: false }))
     }
 }
 

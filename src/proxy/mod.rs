@@ -466,14 +466,16 @@ async fn handle(
                     let direct = TcpConnector { spares: None };
                     Some(forward_cancel(&direct, &raw, &targets, settings.connect_timeout).await)
                 }
-                Outcome::Admitted(admitted) => {
+                Outcome::Admitted(admitted, backend_us) => {
                     // From the session task's start to the backend's first byte relayed, and the
                     // part of it spent waiting on backends (the rest: the client's packets, a
-                    // leader wait, pgleader's own steps). Logged here: `splice` keeps its
-                    // arguments for the whole session.
+                    // leader wait, pgleader's own steps). With TLS the first byte is the `S`:
+                    // the TLS handshake and the startup come later, inside the splice. Logged
+                    // here: `splice` keeps its arguments for the whole session.
                     tracing::debug!(
                         setup_us = handshake::micros(started.elapsed()),
-                        backend_us = admitted.backend_wait_us,
+                        backend_us,
+                        tls = admitted.tls,
                         "admitted"
                     );
                     Some(splice(&shared, route, &handshake.client, admitted, &mut line).await)

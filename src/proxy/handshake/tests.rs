@@ -144,7 +144,7 @@ fn sqlstate_of(msg: &[u8]) -> Option<String> {
 
 fn admitted(outcome: Outcome<DuplexStream>) -> Admitted<DuplexStream> {
     match outcome {
-        Outcome::Admitted(a) => a,
+        Outcome::Admitted(a, _) => a,
         Outcome::Cancel(_) => panic!("expected admission, got a cancel"),
         Outcome::Ended(r) => panic!("expected admission, got {r:?}"),
     }
@@ -169,6 +169,29 @@ async fn a_startup_reaches_the_leader_verbatim_and_its_reply_admits_the_client()
     let a = admitted(r.task.await.unwrap());
     assert_eq!((a.id, a.address, a.tls), (BackendId(0), addr(0), false));
     assert_eq!(r.pipes.connects.load(Ordering::SeqCst), 1);
+}
+
+/// The wait on backends counts the backend's answers, never the client's: here the backend takes
+/// 1 s for its `N` and 1.5 s for its first reply (under the 2 s `connect_timeout`), and the
+/// client 4 s for its StartupMessage (under the 5 s `client_hello_timeout`).
+#[tokio::test(start_paused = true)]
+async fn the_backend_wait_counts_the_backends_answers_and_not_the_clients() {
+    let mut r = rig(table(Some(0), 1), Pipes::default());
+    r.app.write_all(SSL_REQUEST).await.unwrap();
+    let (_, mut b0) = r.pipes.next().await;
+    assert_eq!(read_n(&mut b0, 8).await, SSL_REQUEST);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    b0.write_all(b"N").await.unwrap();
+    assert_eq!(read_n(&mut r.app, 1).await, b"N");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    r.app.write_all(STARTUP).await.unwrap();
+    assert_eq!(read_n(&mut b0, STARTUP.len()).await, STARTUP);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    b0.write_all(AUTH_OK).await.unwrap();
+    assert_eq!(read_n(&mut r.app, AUTH_OK.len()).await, AUTH_OK);
+    let Outcome::Admitted(_, backend_us) = r.task.await.unwrap() else { panic!("expected admission") };
+    // 2.5 s of the backend's, plus the virtual millisecond `Pipes::next` polls in; not the 4 s.
+    assert!((2_500_000..2_600_000).contains(&backend_us), "backend_us {backend_us}");
 }
 
 /// A spare for `target`, and the backend's end of it.
