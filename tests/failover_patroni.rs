@@ -165,10 +165,9 @@ async fn switchover(replication: Replication) {
     // while authentication is in progress). Attempts are sequential, so that is at most one per
     // writer; everything it breaks is a broken session, never a refused or held-then-failed one.
     for writer in [Writer::NewConn, Writer::LongLived] {
-        let failed: Vec<&Attempt> = run.failed(writer).collect();
-        let not_shutdown: Vec<&Attempt> = failed.iter().copied().filter(|a| !a.outcome.is_shutdown_break()).collect();
-        assert_none(&not_shutdown, &format!("{writer}: failures other than the shutdown of its live session"));
-        assert!(failed.len() <= 1, "{writer}: more than the one session the shutdown broke: {failed:#?}");
+        if let Err(e) = run.only_the_shutdown_broke(writer) {
+            panic!("{e}");
+        }
     }
     assert_no_read_only_hits(&run);
     let node1 = lab.cluster.node("node1").pg_port;

@@ -403,16 +403,11 @@ where
             };
             let spare = spares_ok.then(|| self.ctx.connector.spare(&target)).flatten();
             let from_spare = spare.is_some();
-            let connecting = Instant::now();
             let backend = match spare {
                 Some(b) => b,
-                None => match connect(&self.ctx, target.address).await {
-                    Ok(b) => {
-                        backend_wait += connecting.elapsed();
-                        b
-                    }
+                None => match timed(&mut backend_wait, connect(&self.ctx, target.address)).await {
+                    Ok(b) => b,
                     Err(e) => {
-                        backend_wait += connecting.elapsed();
                         self.report_failed(target, &e);
                         after_failure = true;
                         continue;
@@ -550,13 +545,14 @@ where
             let mut request = 8u32.to_be_bytes().to_vec();
             request.extend_from_slice(&pgwire::SSL_REQUEST_CODE.to_be_bytes());
             let mut answer = [0u8; 1];
-            let asked = Instant::now();
-            let exchanged = timeout_at(limit, async {
-                backend.write_all(&request).await?;
-                backend.read_exact(&mut answer).await
-            })
+            let exchanged = timed(
+                backend_wait,
+                timeout_at(limit, async {
+                    backend.write_all(&request).await?;
+                    backend.read_exact(&mut answer).await
+                }),
+            )
             .await;
-            *backend_wait += asked.elapsed();
             match exchanged {
                 Ok(Ok(_)) if matches!(answer[0], b'S' | b'N') => {}
                 Ok(Ok(_)) => return Err(on_backend(Phase::SslAnswer, Cause::BadSslAnswer(answer[0]))),
@@ -589,22 +585,23 @@ where
         }
         let limit = Instant::now() + connect_timeout;
         let mut reply = Vec::with_capacity(512);
-        let asked = Instant::now();
-        let vetted = timeout_at(limit, async {
-            backend.write_all(&hello.startup).await?;
-            loop {
-                match pgwire::classify_backend_reply(&reply) {
-                    BackendReply::Incomplete => {
-                        if backend.read_buf(&mut reply).await? == 0 {
-                            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed before answering"));
+        let vetted = timed(
+            backend_wait,
+            timeout_at(limit, async {
+                backend.write_all(&hello.startup).await?;
+                loop {
+                    match pgwire::classify_backend_reply(&reply) {
+                        BackendReply::Incomplete => {
+                            if backend.read_buf(&mut reply).await? == 0 {
+                                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed before answering"));
+                            }
                         }
+                        verdict => return Ok(verdict),
                     }
-                    verdict => return Ok(verdict),
                 }
-            }
-        })
+            }),
+        )
         .await;
-        *backend_wait += asked.elapsed();
         match vetted {
             Ok(Ok(BackendReply::Proceed)) => {}
             Ok(Ok(_)) => return Err(on_backend(Phase::FirstReply, Cause::CannotConnectNow)),
@@ -617,6 +614,14 @@ where
         self.client.write_all(&reply).await.map_err(|e| on_client(Phase::Relay, Cause::Io(e)))?;
         Ok(Some(Admitted { backend, id, address, tls: false }))
     }
+}
+
+/// Awaits `step`, adding the time it took to `total`.
+async fn timed<T>(total: &mut Duration, step: impl Future<Output = T>) -> T {
+    let started = Instant::now();
+    let out = step.await;
+    *total += started.elapsed();
+    out
 }
 
 /// `d` in whole microseconds, saturating (71 minutes).

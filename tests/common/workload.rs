@@ -603,6 +603,21 @@ impl Run {
         self.of(writer).filter(|a| a.outcome != Outcome::Ok)
     }
 
+    /// The switchover rule (docs/failover.md, "The one broken session of a switchover"): every
+    /// failed attempt of `writer` is a shutdown break ([`Outcome::is_shutdown_break`]), and there
+    /// is at most one (attempts are sequential). `Err` says which part failed, with the attempts.
+    pub fn only_the_shutdown_broke(&self, writer: Writer) -> Result<(), String> {
+        let failed: Vec<&Attempt> = self.failed(writer).collect();
+        let other: Vec<&&Attempt> = failed.iter().filter(|a| !a.outcome.is_shutdown_break()).collect();
+        if !other.is_empty() {
+            return Err(format!("{writer}: failures other than the shutdown of its live session: {other:#?}"));
+        }
+        if failed.len() > 1 {
+            return Err(format!("{writer}: more than the one session the shutdown broke: {failed:#?}"));
+        }
+        Ok(())
+    }
+
     /// Acknowledged ids that `leader` (a direct connection to the final leader) does not have.
     ///
     /// # Errors
