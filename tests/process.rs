@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::pg::PgNode;
-use common::proxy::{connect_via, get};
+use common::proxy::{connect_via, get, worker_connections};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -275,18 +275,6 @@ async fn connections_are_spread_evenly_over_the_workers() {
         (worker_connections(pgleader.admin).await == [0, 0]).then_some(())
     })
     .await;
-}
-
-/// `pgleader_worker_connections` of workers 0 and 1, from `/metrics`.
-async fn worker_connections(admin: SocketAddr) -> [i64; 2] {
-    let (code, body) = get(admin, "/metrics").await;
-    assert_eq!(code, 200, "{body}");
-    let value = |worker: &str| {
-        let series = format!("pgleader_worker_connections{{worker=\"{worker}\"}} ");
-        let line = body.lines().find_map(|l| l.strip_prefix(series.as_str()));
-        line.unwrap_or_else(|| panic!("no {series}in /metrics:\n{body}")).trim().parse::<i64>().unwrap()
-    };
-    [value("0"), value("1")]
 }
 
 /// A session left open at SIGTERM keeps working while pgleader drains (not ready, refusing new

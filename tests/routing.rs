@@ -10,7 +10,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::pg::{PgCluster, PgNode};
-use common::proxy::{connect_via, get, metric, metric_at_least, psql_via, status, wait_leader, ProxyBuilder};
+use common::proxy::{
+    connect_via, get, metric, metric_at_least, psql_via, status, wait_leader, worker_connections, ProxyBuilder,
+};
 use common::wire;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -253,15 +255,13 @@ async fn over_max_connections_clients_get_53300() {
         ProxyBuilder::new(&[&primary]).proxy("max_connections", "2").proxy("client_hello_timeout", "60s").start().await;
     wait_leader(proxy.admin_addr, Some("limit")).await;
     let first = connect_via(proxy.proxy_addr, "postgres").await.unwrap();
-    // A client still in its startup phase holds a slot too.
+    // A client still in its startup phase holds a slot too, once pgleader has accepted it.
     let _starting = TcpStream::connect(proxy.proxy_addr).await.unwrap();
-    let refused = loop {
-        // The silent client's slot is taken once its task runs; retry until it has.
-        match connect_via(proxy.proxy_addr, "postgres").await {
-            Err(e) => break e,
-            Ok(c) => drop(c),
-        }
-    };
+    common::eventually(Duration::from_secs(10), "both connections accepted", || async {
+        (worker_connections(proxy.admin_addr).await.iter().sum::<i64>() == 2).then_some(())
+    })
+    .await;
+    let refused = connect_via(proxy.proxy_addr, "postgres").await.expect_err("a third client is refused");
     let db = refused.as_db_error().expect("a Postgres error, not a reset");
     assert_eq!(db.code().code(), "53300");
     assert!(db.message().contains("max_connections"), "{}", db.message());

@@ -161,6 +161,24 @@ pub async fn metric(admin: SocketAddr, series: &str) -> Option<f64> {
     body.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
+/// `pgleader_worker_connections` of every worker, in worker order: the connections each one runs
+/// from accept to close. A connection is counted once its `max_connections` slot is taken.
+pub async fn worker_connections(admin: SocketAddr) -> Vec<i64> {
+    let (code, body) = get(admin, "/metrics").await;
+    assert_eq!(code, 200, "{body}");
+    let mut workers: Vec<(usize, i64)> = body
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("pgleader_worker_connections{worker=\"")?;
+            let (worker, value) = rest.split_once("\"} ")?;
+            Some((worker.parse().ok()?, value.trim().parse().ok()?))
+        })
+        .collect();
+    workers.sort_unstable();
+    assert!(!workers.is_empty(), "no pgleader_worker_connections in /metrics:\n{body}");
+    workers.into_iter().map(|(_, n)| n).collect()
+}
+
 /// Waits until a series reaches at least `want` and returns its value. Session results are
 /// counted when pgleader finishes with a connection, a moment after the client has seen the end.
 pub async fn metric_at_least(admin: SocketAddr, series: &str, want: f64) -> f64 {
