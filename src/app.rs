@@ -858,11 +858,6 @@ impl Supervisor {
         }
         let removed: Vec<Member> =
             self.members.iter().filter(|m| !members.iter().any(|n| n.id == m.id)).cloned().collect();
-        for m in &removed {
-            if !members.iter().any(|n| n.name == m.name) {
-                self.metrics.remove_backend(&m.name);
-            }
-        }
         let mut restart: Vec<Member> =
             members.iter().filter(|m| !self.members.iter().any(|o| o.id == m.id)).cloned().collect();
         if health_changed {

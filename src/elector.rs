@@ -132,6 +132,12 @@ impl Elector {
                 }
                 Ok(()) = self.membership.changed() => {
                     let current = self.membership.borrow_and_update().clone();
+                    // The series of a backend no longer configured go here, not in the reload:
+                    // this task writes them from each table, so a publish with the old members
+                    // could otherwise bring them back after they were dropped.
+                    for gone in self.members.iter().filter(|m| !current.members.iter().any(|n| n.name == m.name)) {
+                        self.metrics.remove_backend(&gone.name);
+                    }
                     self.members = current.members.clone();
                     self.policy = current.policy;
                     if current.etcd_generation != self.etcd_generation {

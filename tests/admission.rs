@@ -113,6 +113,8 @@ async fn clients_that_leave_while_waiting_free_their_slots_and_open_no_backend_s
 struct Binary {
     child: std::process::Child,
     lines: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    /// The thread reading stderr into `lines`; it ends at EOF, once the process has exited.
+    reader: Option<std::thread::JoinHandle<()>>,
     _config: tempfile::NamedTempFile,
 }
 
@@ -138,7 +140,7 @@ impl Binary {
         let stderr = std::io::BufReader::new(child.stderr.take().expect("piped stderr"));
         let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let (sink, (started_tx, started_rx)) = (std::sync::Arc::clone(&lines), std::sync::mpsc::channel());
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in stderr.lines().map_while(Result::ok) {
                 if line.contains("pgleader started") {
                     let _ = started_tx.send(());
@@ -149,7 +151,16 @@ impl Binary {
             }
         });
         started_rx.recv_timeout(Duration::from_secs(30)).expect("pgleader started");
-        Binary { child, lines, _config: file }
+        Binary { child, lines, reader: Some(reader), _config: file }
+    }
+
+    /// Waits (blocking) for the process to exit: its exit code and every line it logged.
+    fn wait_exit(&mut self) -> (Option<i32>, Vec<serde_json::Value>) {
+        let code = self.child.wait().expect("wait").code();
+        if let Some(reader) = self.reader.take() {
+            reader.join().expect("the log reader");
+        }
+        (code, self.lines.lock().expect("log lines").clone())
     }
 
     fn pid(&self) -> nix::unistd::Pid {
@@ -328,13 +339,8 @@ async fn sessions_closed_by_the_grace_timer_are_logged_with_their_backend_and_by
     client.simple_query("SELECT repeat('x', 1000)").await.unwrap();
     kill(binary.pid(), Signal::SIGTERM).unwrap();
     let mut binary = binary;
-    let code = blocking(move || {
-        let code = binary.child.wait().expect("wait").code();
-        (code, binary)
-    })
-    .await;
-    assert_eq!(code.0, Some(0), "a drain exits 0");
-    let lines = code.1.lines.lock().unwrap().clone();
+    let (code, lines) = blocking(move || binary.wait_exit()).await;
+    assert_eq!(code, Some(0), "a drain exits 0");
     let access: Vec<&serde_json::Value> = lines.iter().filter(|l| l["target"] == "pgleader::access").collect();
     assert_eq!(access.len(), 1, "one access line: {access:?}");
     let f = &access[0]["fields"];

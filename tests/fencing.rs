@@ -277,16 +277,27 @@ async fn a_leader_whose_patroni_died_is_fenced_off_when_the_key_moves_while_sql_
     sql_proxy.shutdown().await.unwrap();
 }
 
-/// Stops etcd members 1 and 2 (quorum lost) and returns the workload time of the fenced
-/// pgleader's last confirmation end (`valid_until`), read from its `/status`.
-async fn lose_quorum(cluster: &mut PatroniCluster, admin: SocketAddr, w: &Workload) -> f64 {
+/// When the fenced pgleader's last confirmation ends, in workload time: `/status` gives what is
+/// left of it when pgleader answers, some instant between the request sent and the answer read.
+#[derive(Debug, Clone, Copy)]
+struct ValidUntil {
+    earliest: f64,
+    latest: f64,
+}
+
+/// Stops etcd members 1 and 2 (quorum lost) and returns the fenced pgleader's `valid_until`.
+async fn lose_quorum(cluster: &mut PatroniCluster, admin: SocketAddr, w: &Workload) -> ValidUntil {
     w.mark("etcd quorum lost");
     cluster.stop_etcd(1).await;
     cluster.stop_etcd(2).await;
-    let s = wait_status(admin, "etcd unreachable", |s| s["etcd"]["reachable"] == false).await;
-    let now = w.now_ms();
-    let valid_for = s["etcd"]["confirmation"]["valid_for_ms"].as_i64().unwrap_or(0);
-    now + valid_for as f64
+    eventually(PATIENCE, "etcd unreachable", || async {
+        let sent = w.now_ms();
+        let s = status(admin).await;
+        let read = w.now_ms();
+        let valid_for = s["etcd"]["confirmation"]["valid_for_ms"].as_i64().unwrap_or(0) as f64;
+        (s["etcd"]["reachable"] == false).then_some(ValidUntil { earliest: sent + valid_for, latest: read + valid_for })
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -304,16 +315,16 @@ async fn quorum_lost_new_sessions_held_then_refused_and_open_sessions_cut_at_val
     assert_eq!(s["reason"], "etcd_unreachable", "{s:#}");
     // Held clients get their 57P03 after leader_wait_timeout.
     eventually(PATIENCE, "held clients refused", || async {
-        (w.count_since(Writer::NewConn, Outcome::CannotConnectNow, valid_until) >= 3).then_some(())
+        (w.count_since(Writer::NewConn, Outcome::CannotConnectNow, valid_until.earliest) >= 3).then_some(())
     })
     .await;
     let run = w.stop().await;
 
-    let acked_after: Vec<&Attempt> = run.acked().filter(|a| a.end_ms > valid_until + 50.0).collect();
+    let acked_after: Vec<&Attempt> = run.acked().filter(|a| a.end_ms > valid_until.latest + 50.0).collect();
     let last_ack = run.acked().map(|a| a.end_ms).fold(0.0, f64::max);
     let long_lived_broken = run
         .of(Writer::LongLived)
-        .filter(|a| a.outcome != Outcome::Ok && a.end_ms >= valid_until - 50.0)
+        .filter(|a| a.outcome != Outcome::Ok && a.end_ms >= valid_until.earliest - 50.0)
         .map(|a| a.end_ms)
         .fold(f64::INFINITY, f64::min);
     let first_refusal = run
@@ -325,7 +336,7 @@ async fn quorum_lost_new_sessions_held_then_refused_and_open_sessions_cut_at_val
         "quorum lost at {:.2} s; valid_until {:.2} s; last acknowledged write {:.2} s; open session cut {:.2} s; \
          first held client refused {:.2} s",
         lost_at / 1000.0,
-        valid_until / 1000.0,
+        valid_until.latest / 1000.0,
         last_ack / 1000.0,
         long_lived_broken / 1000.0,
         first_refusal / 1000.0
@@ -359,8 +370,8 @@ async fn quorum_lost_under_patronis_failsafe_keeps_serving_while_every_backend_i
     let s = wait_status(proxy.admin_addr, "the fail-safe fallback", |s| s["etcd"]["failsafe_fallback"] == true).await;
     assert_eq!((s["leader"].as_str(), s["reason"].as_str()), (Some("node0"), Some("failsafe_fallback")));
     assert_eq!(metric(proxy.admin_addr, "pgleader_etcd_failsafe_fallback").await, Some(1.0));
-    w.wait_ok_since(Writer::NewConn, valid_until + 2000.0, 20, PATIENCE).await;
-    w.wait_ok_since(Writer::LongLived, valid_until + 2000.0, 10, PATIENCE).await;
+    w.wait_ok_since(Writer::NewConn, valid_until.latest + 2000.0, 20, PATIENCE).await;
+    w.wait_ok_since(Writer::LongLived, valid_until.latest + 2000.0, 10, PATIENCE).await;
     let serving = w.mark("served past valid_until under fail-safe");
 
     // One backend stops answering SQL (its Patroni still answers Patroni's fail-safe probe): pgleader
@@ -380,7 +391,7 @@ async fn quorum_lost_under_patronis_failsafe_keeps_serving_while_every_backend_i
     let acked_late: Vec<&Attempt> = run.acked().filter(|a| a.start_ms > closed + 100.0 && a.end_ms < thawed).collect();
     eprintln!(
         "fail-safe: valid_until {:.1} s, still serving at {:.1} s; node1 frozen at {:.1} s, no leader at {:.1} s",
-        valid_until / 1000.0,
+        valid_until.latest / 1000.0,
         serving / 1000.0,
         frozen / 1000.0,
         closed / 1000.0

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use common::eventually;
 use common::pg::PgNode;
-use common::proxy::{connect_via, get, metric, metric_at_least, wait_leader, ProxyBuilder};
+use common::proxy::{connect_via, get, metric, metric_at_least, wait_connections, wait_leader, ProxyBuilder};
 use common::wire::{self, ErrorFields};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -92,6 +92,18 @@ async fn read_raw_to_close(s: &mut TcpStream) -> (Vec<u8>, bool) {
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return (out, true),
             Err(e) => panic!("read: {e}"),
         }
+    }
+}
+
+/// Whether the peer has closed `s` without sending a byte, seen now: a peek on the non-blocking
+/// socket, never a wait.
+fn closed_now(s: &TcpStream) -> bool {
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+    match socket2::SockRef::from(s).peek(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => panic!("a byte on a connection pgleader should leave silent or close"),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+        Err(e) => panic!("peek: {e}"),
     }
 }
 
@@ -354,13 +366,21 @@ async fn garbage_first_packets_get_08p01_or_0a000_and_a_clean_close() {
     s.read_exact(&mut one).await.unwrap();
     assert_eq!(&one, b"R", "a client that tried GSS and then SSL gets its session");
 
-    // A probe that connects and closes, and one that resets, are not counted as sessions.
+    // A probe that connects and closes, and one that resets, are not counted as sessions. Each
+    // is waited for in and out of pgleader (its result is counted before it leaves the count),
+    // with only `healthy` and `s` open besides.
+    wait_connections(proxy.admin_addr, 2).await;
     let before = metric(proxy.admin_addr, "pgleader_sessions_total{result=\"client_error\"}").await;
-    drop(TcpStream::connect(addr).await.unwrap());
+    let probe = TcpStream::connect(addr).await.unwrap();
+    wait_connections(proxy.admin_addr, 3).await;
+    drop(probe);
+    wait_connections(proxy.admin_addr, 2).await;
     let rst = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     rst.connect(&addr.into()).unwrap();
+    wait_connections(proxy.admin_addr, 3).await;
     rst.set_linger(Some(Duration::ZERO)).unwrap();
     drop(rst);
+    wait_connections(proxy.admin_addr, 2).await;
     let refused = cases.iter().filter(|c| c.3 != "close" && c.3 != "accepted" && c.3 != "NN").count() as f64;
     metric_at_least(proxy.admin_addr, "pgleader_sessions_total{result=\"refused_protocol\"}", refused).await;
     connect_via(addr, "postgres").await.unwrap();
@@ -924,7 +944,8 @@ async fn silent_clients_outside_allow_do_not_take_the_slots_of_allowed_ones() {
     for _ in 0..20 {
         outsiders.push(connect_from("127.0.0.1", proxy.proxy_addr).await);
     }
-    // Accepted in order: by the time the allowed client is, every outsider has been too.
+    // Every outsider admitted (as a refusal waiting for its first packet) before the allowed one.
+    wait_connections(proxy.admin_addr, 20).await;
     let allowed = pg_over(connect_from("127.0.0.2", proxy.proxy_addr).await).await;
     let allowed = allowed.expect("an allowed client gets in while 20 refused ones sit silent");
     assert_eq!(allowed.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
@@ -952,11 +973,17 @@ async fn over_limit_connections_past_the_refusal_bound_are_closed_at_once() {
     for _ in 0..IN_FLIGHT + 40 {
         waiting.push(TcpStream::connect(proxy.proxy_addr).await.unwrap());
     }
-    // The first 256 wait for a first packet (for up to 60 s); the other 40 are closed at once.
+    // 256 wait for a first packet (for up to 60 s); the other 40 are closed at once. Which ones
+    // is the workers' accept order, not the order of the connects.
     let series = "pgleader_sessions_total{result=\"refused_limit\"}";
     metric_at_least(proxy.admin_addr, series, 40.0).await;
     assert_eq!(metric(proxy.admin_addr, series).await, Some(40.0));
-    assert_eq!(read_to_close(waiting.last_mut().unwrap()).await, Seen::Closed);
+    let closed = eventually(Duration::from_secs(10), "40 connections closed", || async {
+        let closed = waiting.iter().filter(|s| closed_now(s)).count();
+        (closed >= 40).then_some(closed)
+    })
+    .await;
+    assert_eq!(closed, 40, "closed at once: exactly the refusals past the bound");
     let mut one_more = TcpStream::connect(proxy.proxy_addr).await.unwrap();
     assert_eq!(read_to_close(&mut one_more).await, Seen::Closed);
     // Counted a moment after the client saw the close: wait for it, then check it is exact.
@@ -966,7 +993,7 @@ async fn over_limit_connections_past_the_refusal_bound_are_closed_at_once() {
         assert_eq!(c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
     }
     // The waiting ones still get their answer when they speak.
-    let first = &mut waiting[0];
+    let first = waiting.iter_mut().find(|s| !closed_now(s)).expect("256 still open");
     first.write_all(&wire::startup_message(wire::PROTOCOL_3_0, &[("user", "postgres")])).await.unwrap();
     assert_eq!(read_to_close(first).await.code(), "53300");
     drop(waiting);

@@ -95,6 +95,8 @@ struct Process {
     admin: SocketAddr,
     /// Every JSON log line so far.
     logs: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    /// The thread reading stderr into `logs`; it ends at EOF, once the process has exited.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Drop for Process {
@@ -123,7 +125,7 @@ impl Process {
         let (tx, rx) = std::sync::mpsc::channel();
         let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let sink = std::sync::Arc::clone(&logs);
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 eprintln!("pgleader: {line}");
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
@@ -135,7 +137,7 @@ impl Process {
             }
         });
         let (proxy, admin) = rx.recv_timeout(Duration::from_secs(30)).expect("pgleader logged its addresses");
-        Process { child, proxy, admin, logs }
+        Process { child, proxy, admin, logs, reader: Some(reader) }
     }
 
     /// SIGTERM, then waits until the drain shows: `/readyz` says draining and new connections
@@ -153,14 +155,19 @@ impl Process {
         .await;
     }
 
-    /// Polls (without blocking the runtime) until the process exits; its exit code.
+    /// Polls (without blocking the runtime) until the process exits; its exit code. Returns once
+    /// every line it wrote is in `logs`.
     async fn wait_exit_async(&mut self, patience: Duration) -> i32 {
         let child = &mut self.child;
-        common::eventually(patience, "pgleader exits", || {
+        let code = common::eventually(patience, "pgleader exits", || {
             let code = child.try_wait().unwrap().map(|s| s.code().unwrap_or(-1));
             async move { code }
         })
-        .await
+        .await;
+        if let Some(reader) = self.reader.take() {
+            common::pg::blocking(move || reader.join().expect("the log reader")).await;
+        }
+        code
     }
 }
 

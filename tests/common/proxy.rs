@@ -162,7 +162,8 @@ pub async fn metric(admin: SocketAddr, series: &str) -> Option<f64> {
 }
 
 /// `pgleader_worker_connections` of every worker, in worker order: the connections each one runs
-/// from accept to close. A connection is counted once its `max_connections` slot is taken.
+/// from accept to close. A connection is counted once it is admitted (its `max_connections` slot
+/// taken, or a refusal being answered) and leaves the count after its result is counted.
 pub async fn worker_connections(admin: SocketAddr) -> Vec<i64> {
     let (code, body) = get(admin, "/metrics").await;
     assert_eq!(code, 200, "{body}");
@@ -177,6 +178,14 @@ pub async fn worker_connections(admin: SocketAddr) -> Vec<i64> {
     workers.sort_unstable();
     assert!(!workers.is_empty(), "no pgleader_worker_connections in /metrics:\n{body}");
     workers.into_iter().map(|(_, n)| n).collect()
+}
+
+/// Waits until pgleader runs exactly `n` client connections, summed over its workers.
+pub async fn wait_connections(admin: SocketAddr, n: i64) {
+    super::eventually(Duration::from_secs(20), &format!("{n} connections in pgleader"), || async {
+        (worker_connections(admin).await.iter().sum::<i64>() == n).then_some(())
+    })
+    .await;
 }
 
 /// Waits until a series reaches at least `want` and returns its value. Session results are
