@@ -16,7 +16,9 @@
 //!
 //! Fencing (`[etcd]`): one etcd reader task ([`EtcdWatcher`]) reports what it reads; `app`
 //! turns each report into a [`LeaseEvent`] for the elector (and times the reads). A reload that
-//! changes `[etcd]` restarts the reader and starts the etcd view afresh.
+//! changes how to read (`[etcd]`'s credentials, TLS files, timeout, or `[health]`'s pace)
+//! restarts the reader and keeps the etcd view, so no session is cut for it; only another
+//! cluster (other endpoints, namespace or scope) starts the view afresh.
 //!
 //! Supervision: health checkers and the etcd reader run under [`task::restart_on_failure`] (a task that panics is
 //! restarted with backoff, logged at ERROR and counted); the end of the elector, the admin server
@@ -50,7 +52,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::{Admin, AdminReload, AdminState};
 use crate::config::{Config, ConfigDiff};
-use crate::elector::{Elector, Member, Membership};
+use crate::elector::{Elector, EtcdEvent, Member, Membership};
 use crate::etcd::{EtcdReport, EtcdSettings, EtcdWatcher, WatchEvent};
 use crate::health::{self, CheckSettings, Checker};
 use crate::metrics::Metrics;
@@ -189,7 +191,7 @@ async fn start_inner(config: Config, config_path: Option<PathBuf>) -> anyhow::Re
         .collect();
     let (membership_tx, membership_rx) =
         watch::channel(Arc::new(Membership { members: members.clone(), policy: policy(&config), etcd_generation: 0 }));
-    let (lease_tx, lease_rx) = mpsc::channel::<LeaseEvent>(64);
+    let (lease_tx, lease_rx) = mpsc::channel::<EtcdEvent>(64);
     let mut sup = Supervisor {
         config: config.clone(),
         config_path,
@@ -215,7 +217,7 @@ async fn start_inner(config: Config, config_path: Option<PathBuf>) -> anyhow::Re
     for m in &members {
         sup.spawn_checker(m);
     }
-    sup.start_etcd().map_err(anyhow::Error::msg).context("set up the etcd reader")?;
+    sup.start_etcd(0).map_err(anyhow::Error::msg).context("set up the etcd reader")?;
     let elector = Elector::new(membership_rx, reports_rx, lease_rx, table_tx, Arc::clone(&metrics), background.clone());
     sup.tasks.spawn(async move {
         elector.run().await;
@@ -615,7 +617,7 @@ struct Supervisor {
     background: CancellationToken,
     config_generation: Arc<AtomicU64>,
     /// To the elector: what the etcd reader saw.
-    lease_tx: mpsc::Sender<LeaseEvent>,
+    lease_tx: mpsc::Sender<EtcdEvent>,
     /// The running etcd reader's stop token and the `[etcd]` it runs with.
     etcd: Option<(CancellationToken, crate::config::EtcdConfig)>,
     etcd_generation: u64,
@@ -633,7 +635,8 @@ impl Supervisor {
     ///
     /// # Errors
     /// The etcd settings are not usable (an unreadable password, TLS file or a bad endpoint).
-    fn start_etcd(&mut self) -> Result<(), String> {
+    /// (Re)starts the etcd reader; its events carry `generation`.
+    fn start_etcd(&mut self, generation: u64) -> Result<(), String> {
         let settings = etcd_settings(&self.config)?;
         if let Some(s) = &settings {
             s.validate()?;
@@ -654,7 +657,8 @@ impl Supervisor {
                     () = stop.cancelled() => return,
                     r = reports_rx.recv() => match r { Some(r) => r, None => return },
                 };
-                if lease_tx.send(lease_event(report, &metrics)).await.is_err() {
+                let event = EtcdEvent { generation, event: lease_event(report, &metrics) };
+                if lease_tx.send(event).await.is_err() {
                     return;
                 }
             }
@@ -883,9 +887,17 @@ impl Supervisor {
             ..e.clone()
         };
         if self.etcd.as_ref().map(|(_, e)| how(e)) != self.config.etcd.as_ref().map(how) || health_changed {
-            // Another cluster, other endpoints or another pace: a new reader, a fresh view.
-            self.start_etcd()?;
-            self.etcd_generation += 1;
+            // A new reader. Its view starts over only for another cluster, whose revisions do not
+            // compare with the old one's; for the same keys read another way (credentials, TLS,
+            // timeout, pace) the confirmations stand and lapse by themselves, so a password
+            // rotation cuts no session.
+            let cluster = |e: &crate::config::EtcdConfig| {
+                (e.endpoints.clone(), crate::etcd::normalise_prefix(&e.namespace, &e.scope))
+            };
+            let same = self.etcd.as_ref().map(|(_, e)| cluster(e)) == self.config.etcd.as_ref().map(cluster);
+            let generation = self.etcd_generation + u64::from(!same);
+            self.start_etcd(generation)?;
+            self.etcd_generation = generation;
         }
         let etcd_generation = self.etcd_generation;
         self.membership_tx.send_replace(Arc::new(Membership {

@@ -57,8 +57,19 @@ impl Member {
 pub struct Membership {
     pub members: Vec<Member>,
     pub policy: Policy,
-    /// Changes when `[etcd]` does (another cluster, other endpoints): the etcd view starts over.
+    /// Changes when pgleader reads another etcd cluster (other endpoints, namespace or scope):
+    /// the etcd view starts over.
     pub etcd_generation: u64,
+}
+
+/// A [`LeaseEvent`] with the etcd generation of the reader that saw it. After a reload to another
+/// cluster, what the old reader still had in flight is dropped rather than folded into the new
+/// view: two clusters' revisions do not compare, and an old one's high revision would hide every
+/// read of the new one.
+#[derive(Debug)]
+pub struct EtcdEvent {
+    pub generation: u64,
+    pub event: LeaseEvent,
 }
 
 pub struct Elector {
@@ -68,7 +79,7 @@ pub struct Elector {
     membership: watch::Receiver<Arc<Membership>>,
     reports: mpsc::Receiver<Report>,
     /// From the etcd watcher (nothing arrives without `[etcd]`).
-    lease_events: mpsc::Receiver<LeaseEvent>,
+    lease_events: mpsc::Receiver<EtcdEvent>,
     etcd_generation: u64,
     /// The one writer of the routing table.
     table_tx: watch::Sender<Arc<RoutingTable>>,
@@ -80,7 +91,7 @@ impl Elector {
     pub fn new(
         mut membership: watch::Receiver<Arc<Membership>>,
         reports: mpsc::Receiver<Report>,
-        lease_events: mpsc::Receiver<LeaseEvent>,
+        lease_events: mpsc::Receiver<EtcdEvent>,
         table_tx: watch::Sender<Arc<RoutingTable>>,
         metrics: Arc<Metrics>,
         cancel: CancellationToken,
@@ -110,7 +121,13 @@ impl Elector {
             let expiry = self.table_tx.borrow().next_expiry().map(Instant::from_std);
             tokio::select! {
                 () = self.cancel.cancelled() => return,
-                Some(event) = self.lease_events.recv() => {
+                Some(EtcdEvent { generation, event }) = self.lease_events.recv() => {
+                    // From a reader replaced by a reload to another cluster. (One from a newer
+                    // reader cannot come first: the reload publishes the membership before the
+                    // main runtime runs anything else; were it to, it would cost one read.)
+                    if generation != self.etcd_generation {
+                        continue;
+                    }
                     let staleness = self.policy.fence.map_or(Duration::ZERO, |f| f.max_staleness);
                     let next = lease.observe(&event, staleness);
                     self.log_lease(&lease, &next, &event);
@@ -137,6 +154,9 @@ impl Elector {
                     // could otherwise bring them back after they were dropped.
                     for gone in self.members.iter().filter(|m| !current.members.iter().any(|n| n.name == m.name)) {
                         self.metrics.remove_backend(&gone.name);
+                    }
+                    for gone in self.members.iter().filter(|m| !current.members.iter().any(|n| n.member == m.member)) {
+                        self.metrics.remove_member(&gone.member);
                     }
                     self.members = current.members.clone();
                     self.policy = current.policy;
@@ -324,5 +344,54 @@ impl Elector {
         if table.epoch != self.table_tx.borrow().epoch {
             m.leader_changes.inc();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::lease::{LeaderLease, LeaseRead};
+    use crate::topology::FencePolicy;
+
+    fn read(revision: i64) -> LeaseEvent {
+        LeaseEvent::Read(LeaseRead {
+            read_start: std::time::Instant::now(),
+            revision,
+            endpoint: "http://e:2379".into(),
+            leader: Some(LeaderLease { member: "m0".into(), remaining: Some(Duration::from_secs(30)) }),
+            patroni: None,
+            members: Vec::new(),
+        })
+    }
+
+    /// A read the reader of the old cluster still had in flight when a reload moved pgleader to
+    /// another etcd cluster is not folded into the new view: its revision, from the old cluster,
+    /// is higher than any the new cluster has, and would hide every read of it as older.
+    #[tokio::test]
+    async fn events_of_a_reader_replaced_by_another_cluster_are_dropped() {
+        let fence = FencePolicy { mode: FenceMode::Enforce, max_staleness: Duration::from_secs(3) };
+        let policy = Policy { rise: 1, fall: 1, stale_after: Duration::from_secs(10), fence: Some(fence), read: None };
+        let membership = Membership { members: Vec::new(), policy, etcd_generation: 1 };
+        let (_membership_tx, membership_rx) = watch::channel(Arc::new(membership));
+        let (_reports_tx, reports_rx) = mpsc::channel(8);
+        let (lease_tx, lease_rx) = mpsc::channel(8);
+        let (table_tx, table_rx) = watch::channel(Arc::new(RoutingTable::initial()));
+        let cancel = CancellationToken::new();
+        let metrics = Arc::new(Metrics::new(&[]));
+        let elector = Elector::new(membership_rx, reports_rx, lease_rx, table_tx, metrics, cancel.clone());
+        let task = tokio::spawn(elector.run());
+        lease_tx.send(EtcdEvent { generation: 0, event: read(5_000_000) }).await.unwrap();
+        lease_tx.send(EtcdEvent { generation: 1, event: read(1_000) }).await.unwrap();
+        let revision = loop {
+            let read = table_rx.borrow().fence.as_ref().and_then(|f| f.view.read.as_ref().map(|r| r.revision));
+            if let Some(revision) = read {
+                break revision;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        assert_eq!(revision, 1_000, "the new cluster's read is the view's, the old one's dropped");
+        assert_eq!(table_rx.borrow().fence.as_ref().map(|f| f.view.reads_ok), Some(1));
+        cancel.cancel();
+        task.await.unwrap();
     }
 }

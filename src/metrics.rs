@@ -421,6 +421,11 @@ impl Metrics {
         }
     }
 
+    /// Drops the `pgleader_etcd_leader` series of a Patroni member no backend names any more.
+    pub fn remove_member(&self, member: &str) {
+        let _ = self.etcd_leader.remove_label_values(&[member]);
+    }
+
     /// Exports (or stops exporting) the `pgleader_etcd_*` metrics, as `[etcd]` is configured.
     pub fn set_etcd_enabled(&self, enabled: bool, members: &[String]) {
         let collectors = || -> [Box<dyn prometheus::core::Collector>; 5] {

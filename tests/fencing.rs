@@ -120,6 +120,35 @@ async fn steady_state_observe_mode_and_bad_surroundings() {
     assert_eq!(metric(good.admin_addr, "pgleader_etcd_up").await, Some(1.0));
     assert_eq!(metric(good.admin_addr, "pgleader_etcd_leader{member=\"node0\"}").await, Some(1.0));
 
+    // A reload of [health] (a new timeout here; a password rotation is the same) restarts the etcd
+    // reader at the new pace and keeps its view: the session on the leader is not cut for the
+    // lease, and the leader never changes. (Before, the view started over, and in enforce mode
+    // the first table after the reload had no confirmation: every session was cut at once.)
+    let before = status(good.admin_addr).await;
+    let reads = before["etcd"]["reads_ok"].as_u64().unwrap();
+    let mut config = pgleader::Config::from_toml(
+        &format!(
+            "[proxy]\nlisten = \"{}\"\nleader_wait_timeout = \"10s\"\n[admin]\nlisten = \"{}\"\n{}\n{}",
+            good.proxy_addr,
+            good.admin_addr,
+            fenced(&cluster),
+            cluster.pgleader_toml()
+        ),
+        "<reload>",
+    )
+    .expect("reload config");
+    config.health.timeout += Duration::from_millis(100);
+    let diff = good.reload(config).await.expect("reload of [health]");
+    assert!(diff.hot.contains(&"health"), "{diff:?}");
+    let after = wait_status(good.admin_addr, "two etcd reads after the reload", |s| {
+        s["etcd"]["reads_ok"].as_u64().is_some_and(|n| n >= reads + 2)
+    })
+    .await;
+    assert_eq!((after["leader"].as_str(), &after["epoch"]), (Some("node0"), &before["epoch"]), "{after:#}");
+    let port: i32 = client.query_one("SELECT inet_server_port()", &[]).await.expect("not cut by the reload").get(0);
+    assert_eq!(port, i32::from(p0));
+    assert_eq!(metric(good.admin_addr, "pgleader_sessions_cut_total{reason=\"lease\"}").await, Some(0.0));
+
     // A backend whose member does not hold the key is never the leader, whatever SQL says.
     let swapped = format!(
         "[[backend]]\nname = \"node0\"\naddress = \"127.0.0.1:{p0}\"\nmember = \"node1\"\nverify_conn_url = false\n\
