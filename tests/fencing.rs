@@ -447,6 +447,8 @@ async fn a_rolling_etcd_restart_and_an_etcd_election_go_unnoticed_and_a_switchov
     wait_routed(sql_proxy.admin_addr, Some("node0")).await;
     let w = workload_via(&fenced_proxy, 1);
     w.wait_ok_since(Writer::LongLived, 0.0, 10, PATIENCE).await;
+    let postmaster = cluster.node("node0").postmaster_pid();
+    assert!(postmaster.is_some(), "node0's PostgreSQL runs");
 
     // One member at a time, SIGTERM (a leader hands over), back before the next.
     let reads = |s: &serde_json::Value| s["etcd"]["reads_ok"].as_u64().unwrap_or(0);
@@ -473,8 +475,26 @@ async fn a_rolling_etcd_restart_and_an_etcd_election_go_unnoticed_and_a_switchov
     w.wait_ok_since(Writer::LongLived, w.now_ms(), 10, PATIENCE).await;
     let rolled = w.stop().await;
     let failures: Vec<&Attempt> = rolled.attempts.iter().filter(|a| a.outcome != Outcome::Ok).collect();
-    assert!(failures.is_empty(), "client errors during the rolling etcd restart or the election: {failures:#?}");
-    assert_eq!(metric(fenced_proxy.admin_addr, "pgleader_sessions_total{result=\"cut\"}").await, Some(0.0));
+    // Patroni itself may restart its primary during the churn: once in CI a leader-key update
+    // that failed against the member being stopped made it demote node0 at once (restarted as a
+    // replica 70 ms after e2's SIGTERM, then promoted itself again). No proxy can keep the
+    // sessions PostgreSQL's own shutdown ends, so then the step is held to the switchover rule
+    // (only the live attempt of each writer broken, by the shutdown), and pgleader must still cut
+    // nothing for the lease. The oracle is PostgreSQL's own: node0's postmaster changed.
+    if cluster.node("node0").postmaster_pid() == postmaster {
+        assert!(failures.is_empty(), "client errors during the rolling etcd restart or the election: {failures:#?}");
+        assert_eq!(metric(fenced_proxy.admin_addr, "pgleader_sessions_total{result=\"cut\"}").await, Some(0.0));
+    } else {
+        eprintln!("Patroni restarted node0's PostgreSQL during the etcd churn: held to the switchover rule");
+        for writer in [Writer::NewConn, Writer::LongLived] {
+            if let Err(e) = rolled.only_the_shutdown_broke(writer) {
+                panic!("while Patroni restarted node0 during the etcd churn: {e}");
+            }
+        }
+        let lease_cuts = metric(fenced_proxy.admin_addr, "pgleader_sessions_cut_total{reason=\"lease\"}").await;
+        assert_eq!(lease_cuts, Some(0.0), "a session cut for the lease during the etcd churn");
+    }
+    assert!(rolled.acked().all(|a| a.in_recovery != Some(true)), "a write reached a replica during the churn");
     let s = status(fenced_proxy.admin_addr).await;
     eprintln!(
         "rolling restart and a leader election: {} reads ok, {} failed; no client error, no session cut",
