@@ -631,11 +631,11 @@ impl Supervisor {
     }
 
     /// Starts the etcd reader for the current `[etcd]` (stopping the previous one), or stops it
-    /// when the section is gone. Its reports reach the elector through `lease_event`.
+    /// when the section is gone. Its reports reach the elector through `lease_event`, tagged
+    /// with `generation`.
     ///
     /// # Errors
     /// The etcd settings are not usable (an unreadable password, TLS file or a bad endpoint).
-    /// (Re)starts the etcd reader; its events carry `generation`.
     fn start_etcd(&mut self, generation: u64) -> Result<(), String> {
         let settings = etcd_settings(&self.config)?;
         if let Some(s) = &settings {

@@ -379,8 +379,7 @@ async fn plain_watch(addr: SocketAddr, key: &str) -> TcpStream {
 
 /// Still open and silent: no bytes and no EOF waiting.
 fn still_open(s: &TcpStream) -> bool {
-    let mut buf = [0u8; 64];
-    matches!(s.try_read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    common::socket_now(s) == common::SocketNow::Silent
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,10 +21,10 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::eventually;
 use common::pg::PgNode;
 use common::proxy::{connect_via, get, metric, metric_at_least, wait_connections, wait_leader, ProxyBuilder};
 use common::wire::{self, ErrorFields};
+use common::{eventually, SocketNow};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::task::JoinSet;
@@ -95,15 +95,12 @@ async fn read_raw_to_close(s: &mut TcpStream) -> (Vec<u8>, bool) {
     }
 }
 
-/// Whether the peer has closed `s` without sending a byte, seen now: a peek on the non-blocking
-/// socket, never a wait.
+/// Whether pgleader has closed `s` without a byte, seen now; a byte there is a bug.
 fn closed_now(s: &TcpStream) -> bool {
-    let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
-    match socket2::SockRef::from(s).peek(&mut byte) {
-        Ok(0) => true,
-        Ok(_) => panic!("a byte on a connection pgleader should leave silent or close"),
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
-        Err(e) => panic!("peek: {e}"),
+    match common::socket_now(s) {
+        SocketNow::Closed => true,
+        SocketNow::Silent => false,
+        other => panic!("a connection pgleader should leave silent or close is {other:?}"),
     }
 }
 

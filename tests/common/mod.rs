@@ -105,3 +105,28 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// What a connection holds at this instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketNow {
+    /// Open, nothing to read.
+    Silent,
+    /// Bytes are waiting.
+    Bytes,
+    /// The peer closed it (EOF, nothing before it).
+    Closed,
+    /// Reset, or another error.
+    Failed,
+}
+
+/// Looks at `s` without waiting and without consuming anything: a non-blocking peek, a system
+/// call every time (tokio's `try_read` trusts its last readiness event and can miss an EOF).
+pub fn socket_now(s: &tokio::net::TcpStream) -> SocketNow {
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+    match socket2::SockRef::from(s).peek(&mut byte) {
+        Ok(0) => SocketNow::Closed,
+        Ok(_) => SocketNow::Bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => SocketNow::Silent,
+        Err(_) => SocketNow::Failed,
+    }
+}
